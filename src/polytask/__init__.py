@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from . import balancers
+from . import architectures, balancers
 
 __version__ = "0.1.0"
 
-__all__ = ["balancers", "__version__"]
+__all__ = ["architectures", "balancers", "__version__"]
