@@ -192,6 +192,9 @@ class Balancer(nn.Module):
     def after_step(self, losses: Tensor) -> None:  # noqa: B027 - optional hook
         """Called with the losses re-evaluated after the optimiser step (``loss_after_step``)."""
 
+    def epoch_end(self) -> None:  # noqa: B027 - optional hook
+        """Called by the trainer at the end of every training epoch (e.g. DWA's loss history)."""
+
     # -- to implement ---------------------------------------------------------------------
     def _combine(self, jacobian: Tensor, losses: Tensor | None) -> Tensor:
         raise NotImplementedError

@@ -1,0 +1,234 @@
+"""Machinery shared by the architectures: multi-input dispatch, auxiliary losses, helpers.
+
+Every architecture here follows one convention for **multi-input batches**: a mapping
+``{task: x_task}`` whose keys are all task names of the model gives each task its own input
+(possibly of its own batch size). Task ``t``'s prediction is then what the single-input model
+predicts for ``t`` on ``x_t``: ``model({t: x_t})[t] == model(x_t)[t]`` (up to batch statistics:
+each task's input is its own batch). Architectures compute only what task ``t`` needs on
+``x_t``. A mapping whose keys are not all task names is a single batch handed to the encoder as is
+(encoders may take dicts).
+
+For multi-input batches ``encode`` returns ``{task: features}`` and ``decode`` takes such a dict;
+``last_gate_weights`` keys are prefixed with ``"<task>:"``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._base import MultiTaskModel
+
+ExpertSpec = Callable[[], nn.Module] | nn.Module
+
+# (outputs, auxiliary loss or None, gate weights)
+Result = tuple[dict[str, Tensor], Tensor | None, dict[str, Tensor]]
+
+
+def is_multi_input(x: Any, task_names: Sequence[str]) -> bool:
+    """True for a multi-input batch: a non-empty mapping whose keys are all task names."""
+    return isinstance(x, Mapping) and len(x) > 0 and all(k in task_names for k in x)
+
+
+def reset_parameters(module: nn.Module) -> nn.Module:
+    """Re-initialise every submodule that has ``reset_parameters`` (in place); returns it."""
+    for m in module.modules():
+        fn = getattr(m, "reset_parameters", None)
+        if callable(fn):
+            fn()
+    return module
+
+
+def make_modules(spec: ExpertSpec, n: int, what: str = "expert") -> list[nn.Module]:
+    """``n`` independent modules from a zero-argument factory or a module template.
+
+    A template is deep-copied and every copy is re-initialised (``reset_parameters`` of its
+    submodules), so copies start from different weights.
+    """
+    if n < 0:
+        raise ValueError(f"the number of {what}s must be >= 0, got {n}")
+    if isinstance(spec, nn.Module):
+        return [reset_parameters(copy.deepcopy(spec)) for _ in range(n)]
+    if not callable(spec):
+        raise TypeError(f"{what}_factory must be a zero-argument callable or an nn.Module")
+    mods = [spec() for _ in range(n)]
+    for m in mods:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{what}_factory must return nn.Module instances, got {type(m)}")
+    # A factory returning the same instance twice would silently share weights.
+    if len({id(m) for m in mods}) != len(mods):
+        raise ValueError(f"{what}_factory returned the same module twice; it must build new ones")
+    return mods
+
+
+def unique_params(*sources: nn.Module | nn.Parameter | Iterable[Any] | None) -> list[nn.Parameter]:
+    """Parameters of modules / parameters / nested iterables of them, without duplicates."""
+    out: list[nn.Parameter] = []
+    seen: set[int] = set()
+
+    def add(p: nn.Parameter) -> None:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+
+    def visit(s: Any) -> None:
+        if s is None:
+            return
+        if isinstance(s, nn.Parameter):
+            add(s)
+        elif isinstance(s, nn.Module):
+            for p in s.parameters():
+                add(p)
+        elif isinstance(s, Mapping):
+            for v in s.values():
+                visit(v)
+        elif isinstance(s, Iterable):
+            for v in s:
+                visit(v)
+        else:
+            raise TypeError(f"cannot collect parameters from {type(s)}")
+
+    for s in sources:
+        visit(s)
+    return out
+
+
+def check_heads(heads: Mapping[str, nn.Module], what: str = "heads") -> list[str]:
+    if not heads:
+        raise ValueError(f"at least one task is needed ({what} is empty)")
+    for name, head in heads.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"task names must be non-empty strings, got {name!r}")
+        if "." in name:
+            raise ValueError(f"task name {name!r} must not contain '.' (used in module names)")
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"{what}[{name!r}] must be an nn.Module")
+    return list(heads)
+
+
+def flatten_batch(x: Any, what: str = "gate") -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"the {what} reads the flattened input, which needs a tensor batch; for dict or other "
+            "inputs pass a gate_input module that maps the batch to a [B, F] tensor"
+        )
+    return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
+
+
+class _Model(MultiTaskModel):
+    """Base of the architectures: dispatches single- and multi-input batches.
+
+    Subclasses implement ``_forward(x, tasks) -> (outputs, aux, gates)``; those with a common
+    representation implement ``_encode(x, tasks) -> (features, ctx)`` and
+    ``_decode(features, ctx, tasks) -> (outputs, aux, gates)`` instead (``ctx`` carries what the
+    decoder needs besides the features, e.g. the gates' input) and set ``_has_encode = True``.
+    """
+
+    _has_encode: bool = False
+    #: how auxiliary losses of the per-task runs of a multi-input batch combine.
+    _aux_reduce: str = "sum"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last_aux: Tensor | None = None
+        self._ctx: Any = None
+        self.last_gate_weights: dict[str, Tensor] = {}
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def _forward(self, x: Any, tasks: tuple[str, ...]) -> Result:
+        feats, ctx = self._encode(x, tasks)
+        return self._decode(feats, ctx, tasks)
+
+    def _encode(self, x: Any, tasks: tuple[str, ...]) -> tuple[Tensor, Any]:
+        raise NotImplementedError(
+            f"{type(self).__name__} exposes no common representation; "
+            "use the engine's 'params' mode"
+        )
+
+    def _decode(self, features: Tensor, ctx: Any, tasks: tuple[str, ...]) -> Result:
+        raise NotImplementedError
+
+    # -- public contract ------------------------------------------------------------------------
+    def forward(self, x: Any) -> dict[str, Tensor]:
+        if is_multi_input(x, self.task_names):
+            results = {t: self._forward(xt, (t,)) for t, xt in x.items()}
+            return self._merge(results)
+        out, aux, gates = self._forward(x, tuple(self.task_names))
+        self._last_aux = aux
+        self.last_gate_weights = gates
+        return out
+
+    def encode(self, x: Any) -> Any:
+        if not self._has_encode:
+            return self._encode(x, tuple(self.task_names))  # raises NotImplementedError
+        if is_multi_input(x, self.task_names):
+            feats, ctxs = {}, {}
+            for t, xt in x.items():
+                feats[t], ctxs[t] = self._encode(xt, (t,))
+            self._ctx = ("multi", ctxs)
+            return feats
+        feats, ctx = self._encode(x, tuple(self.task_names))
+        self._ctx = ("single", ctx)
+        return feats
+
+    def decode(self, features: Any) -> dict[str, Tensor]:
+        if not self._has_encode:
+            raise NotImplementedError(f"{type(self).__name__} exposes no common representation")
+        if self._ctx is None:
+            raise RuntimeError(f"{type(self).__name__}.decode must follow encode of the same batch")
+        kind, ctx = self._ctx
+        if isinstance(features, Mapping):
+            if kind != "multi" or set(features) - set(ctx):
+                raise RuntimeError("decode got per-task features that encode did not produce")
+            results = {t: self._decode(f, ctx[t], (t,)) for t, f in features.items()}
+            return self._merge(results)
+        if kind != "single":
+            raise RuntimeError("decode got one tensor after a multi-input encode")
+        out, aux, gates = self._decode(features, ctx, tuple(self.task_names))
+        self._last_aux = aux
+        self.last_gate_weights = gates
+        return out
+
+    def auxiliary_loss(self) -> Tensor | None:
+        """The regulariser of the last forward (or decode), a differentiable tensor, or ``None``.
+
+        It is an attribute of the model, not a gradient side effect, so ``zero_grad`` does not
+        erase it; add it to the objective before ``backward``.
+        """
+        return self._last_aux
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _merge(self, results: dict[str, Result]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        auxes: list[Tensor] = []
+        gates: dict[str, Tensor] = {}
+        for t, (o, aux, g) in results.items():
+            out[t] = o[t]
+            if aux is not None:
+                auxes.append(aux)
+            for k, v in g.items():
+                gates[f"{t}:{k}"] = v
+        if auxes:
+            total = torch.stack(auxes).sum()
+            self._last_aux = total / len(auxes) if self._aux_reduce == "mean" else total
+        else:
+            self._last_aux = None
+        self.last_gate_weights = gates
+        return out
+
+    def _ctx_tensor(self, ctx: Any, key: str, features: Tensor) -> Tensor:
+        if not isinstance(ctx, Mapping) or key not in ctx:
+            raise RuntimeError(f"{type(self).__name__}.decode must follow encode of the same batch")
+        value = ctx[key]
+        if isinstance(value, Mapping):
+            value = next(iter(value.values()))
+        if value.shape[0] != features.shape[0]:
+            raise RuntimeError(
+                f"{type(self).__name__}.decode got a batch of {features.shape[0]} but the last "
+                f"encode saw {value.shape[0]}; decode must follow encode of the same batch"
+            )
+        return ctx[key]

@@ -1,0 +1,121 @@
+"""The ``polytask`` command line: ``train``, ``list``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from . import architectures, balancers, data
+
+    what = args.what
+    if what in ("all", "methods"):
+        print("methods (balancers):")
+        for name in balancers.available():
+            rec = balancers.info(name)
+            caps = [f"needs={rec.needs}"]
+            if rec.stateful:
+                caps.append("stateful")
+            if rec.learnable:
+                caps.append("learnable")
+            if rec.protocol:
+                caps.append("protocol=" + "+".join(rec.protocol))
+            if rec.mode:
+                caps.append(f"mode={rec.mode}")
+            print(f"  {name:<16} {rec.description}")
+            print(f"  {'':<16} [{', '.join(caps)}] {rec.paper}")
+    if what in ("all", "architectures"):
+        print("architectures:")
+        for name in architectures.available():
+            a = architectures.info(name)
+            print(f"  {name:<16} {a.description} ({a.paper})")
+    if what in ("all", "datasets"):
+        print("datasets:")
+        for name in data.available():
+            print(f"  {name:<20} {data.describe(name)}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .recipes import build_run
+
+    cfg = load_config(args.config, args.set)
+    if args.out_dir:
+        cfg.trainer.out_dir = args.out_dir
+    run = build_run(cfg)
+    out = Path(cfg.trainer.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.resolved.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ckpt = out / "last.pt"
+    if cfg.trainer.resume or args.resume:
+        if ckpt.exists():
+            run.trainer.load_checkpoint(ckpt)
+            print(f"resumed from {ckpt} at epoch {run.trainer.epoch}")
+        else:
+            print(f"no checkpoint at {ckpt}; starting from scratch")
+    history = run.trainer.fit(run.train_loader, run.val_loader)
+    for row in history[-1:]:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}))
+    run.trainer.load_best()
+    test = run.trainer.evaluate(run.test_loader)
+    print("test (best validation epoch " + str(run.trainer.best_epoch) + "):")
+    for k, v in test.items():
+        print(f"  {k}: {v:.5f}")
+    (out / "test.json").write_text(json.dumps(test, indent=2))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    demo_main(args.dataset, args.methods, args.epochs, args.n_train, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polytask", description="Multi-task learning for PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train from a YAML config")
+    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set trainer.epochs=3")
+    t.add_argument("--out-dir", default=None, help="where logs and checkpoints go")
+    t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    t.set_defaults(func=_cmd_train)
+
+    ls = sub.add_parser("list", help="list methods, architectures and datasets")
+    ls.add_argument("what", nargs="?", default="all",
+                    choices=["all", "methods", "architectures", "datasets"])
+    ls.set_defaults(func=_cmd_list)
+
+    d = sub.add_parser("demo", help="the main job: compare balancers on real multi-task data")
+    d.add_argument("--dataset", default="multi_mnist")
+    d.add_argument("--methods", nargs="+", default=None)
+    d.add_argument("--epochs", type=int, default=4)
+    d.add_argument("--n-train", type=int, default=4000)
+    d.add_argument("--out", default="runs/demo/results.json")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"polytask: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The gradient engine: :func:`mtl_backward`, usable from any training loop.
+
+After :func:`mtl_backward` returns, the ``.grad`` of each shared parameter holds the balanced update
+(accumulated, like ``loss.backward()``), each task-specific parameter holds its task's gradient,
+and the balancer's own learnable parameters (if any) hold theirs. It returns the task weights used
+(``None`` where the method has none).
+
+Modes and their costs (``K`` tasks):
+
+* loss-only methods (``needs == "losses"``): one ordinary backward pass of the method's objective,
+  whatever the mode.
+* ``mode="params"``: the exact per-task gradients of the shared parameters. With ``features`` (the
+  last shared representation) the per-task gradients w.r.t. ``features`` are taken first (cheap:
+  heads only), then the ``K`` vector-Jacobian products through the encoder run as one batched
+  (``vmap``) backward. Gramian methods then need only ``G = J J^T``; Jacobian methods get ``J``.
+* ``mode="representation"``: the balancer works on the per-task gradients w.r.t. ``features``
+  (``[K, numel(features)]``); the combined gradient is backpropagated through the encoder once.
+
+The engine reads the balancer's capability record (``info.needs``/``info.modes``) and never
+branches on method names.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .balancers import Balancer, LossWeighting
+
+__all__ = ["jacobian", "mtl_backward", "task_leaves"]
+
+Mode = Literal["params", "representation"]
+
+
+def _as_param_list(params: Iterable[Tensor], what: str) -> list[Tensor]:
+    out = [p for p in params if p.requires_grad]
+    if not out:
+        raise ValueError(f"{what} is empty (or nothing in it requires grad)")
+    return out
+
+
+def task_leaves(
+    losses: Tensor, exclude: Sequence[Tensor], stop_at: Tensor | None = None
+) -> list[Tensor]:
+    """Leaf tensors requiring grad reached from ``losses`` without passing through ``stop_at``.
+
+    Used to find the task-specific parameters (heads) of an arbitrary model: every leaf reachable
+    from the losses that is not in ``exclude`` (the shared parameters).
+    """
+    excluded = {id(t) for t in exclude}
+    stop = stop_at.grad_fn if stop_at is not None else None
+    seen: set[int] = set()
+    leaves: list[Tensor] = []
+    stack = [losses.grad_fn] if losses.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen or fn is stop:
+            continue
+        seen.add(id(fn))
+        var = getattr(fn, "variable", None)
+        if var is not None:  # AccumulateGrad
+            if id(var) not in excluded:
+                leaves.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return leaves
+
+
+def _batched_grad(
+    outputs: Tensor, inputs: Sequence[Tensor], grad_outputs: Tensor, *, retain_graph: bool
+) -> tuple[Tensor | None, ...]:
+    """``K`` vector-Jacobian products in one batched backward (falls back to a loop)."""
+    try:
+        return torch.autograd.grad(
+            outputs,
+            inputs,
+            grad_outputs=grad_outputs,
+            is_grads_batched=True,
+            retain_graph=retain_graph,
+            allow_unused=True,
+        )
+    except RuntimeError as err:  # an op without a batching rule
+        warnings.warn(
+            f"batched backward failed ({str(err).splitlines()[0]}); "
+            "falling back to one backward per task",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        rows = [
+            torch.autograd.grad(
+                outputs, inputs, grad_outputs=g, retain_graph=True, allow_unused=True
+            )
+            for g in grad_outputs
+        ]
+        return tuple(
+            None if rows[0][i] is None else torch.stack([r[i] for r in rows])
+            for i in range(len(inputs))
+        )
+
+
+def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], k: int) -> Tensor:
+    cols = []
+    for g, p in zip(grads, params):
+        if g is None:
+            cols.append(p.new_zeros(k, p.numel()))
+        else:
+            cols.append(g.reshape(k, -1))
+    return torch.cat(cols, dim=1)
+
+
+def jacobian(
+    losses: Tensor,
+    params: Sequence[Tensor],
+    *,
+    features: Tensor | None = None,
+    retain_graph: bool = False,
+) -> Tensor:
+    """Exact per-task gradients ``[K, P]`` of ``losses`` w.r.t. ``params`` (flattened, in order).
+
+    With ``features`` the per-task gradients w.r.t. ``features`` are computed first and the ``K``
+    vector-Jacobian products through the encoder run batched.
+    """
+    k = losses.shape[0]
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    if features is None:
+        grads = _batched_grad(losses, params, eye, retain_graph=retain_graph)
+        return _flatten(grads, params, k)
+    (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=True)
+    if zgrad is None:
+        zgrad = features.new_zeros((k, *features.shape))
+    grads = _batched_grad(features, params, zgrad, retain_graph=retain_graph)
+    return _flatten(grads, params, k)
+
+
+def _accumulate(params: Sequence[Tensor], flat: Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        g = flat[offset : offset + n].view_as(p).to(p.dtype)
+        offset += n
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.add_(g)
+
+
+def _check_losses(losses: Tensor, balancer: Balancer, task_names: Sequence[str] | None) -> None:
+    if not isinstance(losses, Tensor) or losses.ndim != 1:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(f"losses must be a 1-D tensor [K], got {shape}")
+    if losses.shape[0] != balancer.n_tasks:
+        raise ValueError(
+            f"got {losses.shape[0]} losses but the balancer "
+            f"{type(balancer).__name__} was created for {balancer.n_tasks} tasks"
+        )
+    finite = torch.isfinite(losses.detach())
+    if not bool(finite.all()):
+        bad = [int(i) for i in (~finite).nonzero().flatten()]
+        names = [task_names[i] if task_names else f"task {i}" for i in bad]
+        raise FloatingPointError(
+            f"non-finite loss for {', '.join(map(str, names))}: "
+            f"{[float(losses.detach()[i]) for i in bad]}"
+        )
+
+
+def mtl_backward(
+    losses: Tensor | Sequence[Tensor],
+    *,
+    shared_params: Iterable[Tensor],
+    balancer: Balancer,
+    features: Tensor | None = None,
+    mode: Mode = "params",
+    task_params: Iterable[Tensor] | None = None,
+    extra_loss: Tensor | None = None,
+    task_names: Sequence[str] | None = None,
+    check_finite: bool = True,
+) -> Tensor | None:
+    """Backpropagate ``K`` task losses with a balancer; returns the task weights used.
+
+    Args:
+        losses: ``[K]`` tensor (or sequence of ``K`` scalars) of task losses.
+        shared_params: parameters shared by the tasks; their ``.grad`` receives the balanced
+            update.
+        balancer: a :class:`~polytask.balancers.Balancer` created for ``K`` tasks.
+        features: the last shared representation (needed by ``mode="representation"``; makes
+            ``mode="params"`` cheaper).
+        mode: ``"params"`` (exact per-task gradients of the shared parameters) or
+            ``"representation"`` (balance the gradients w.r.t. ``features``).
+        task_params: parameters that belong to single tasks; found from the autograd graph when
+            ``None`` (every leaf reached from the losses that is not shared).
+        extra_loss: a scalar added to the objective outside balancing (e.g. an architecture's
+            auxiliary loss); its gradient is added to every parameter it reaches.
+        task_names: used in error messages.
+        check_finite: raise :class:`FloatingPointError` naming the task on a NaN/inf loss.
+    """
+    if not isinstance(losses, Tensor):
+        losses = torch.stack(list(losses))
+    if mode not in ("params", "representation"):
+        raise ValueError(f"mode must be 'params' or 'representation', got {mode!r}")
+    if not isinstance(balancer, Balancer):
+        raise TypeError(f"balancer must be a polytask Balancer, got {type(balancer).__name__}")
+    _check_losses(losses, balancer, task_names)
+    if check_finite and extra_loss is not None and not bool(torch.isfinite(extra_loss.detach())):
+        raise FloatingPointError(f"non-finite extra (auxiliary) loss: {float(extra_loss)}")
+    shared = _as_param_list(shared_params, "shared_params")
+    rec = balancer.info
+    own = [p for p in balancer.parameters() if p.requires_grad]
+
+    if rec.needs != "losses" and mode not in rec.modes:
+        raise ValueError(
+            f"balancer {rec.name!r} cannot work in mode={mode!r}; it supports {list(rec.modes)}"
+        )
+    if mode == "representation" and features is None:
+        raise ValueError(
+            f"mode='representation' needs features (the last shared representation) "
+            f"for balancer {rec.name!r}"
+        )
+    if features is not None and not features.requires_grad:
+        raise ValueError(
+            "features does not require grad: pass the encoder's output tensor, not a detached copy"
+        )
+    if features is not None and rec.needs != "losses":
+        _check_encoder_covered(features, shared)
+
+    # 1) task-specific parameters: each gets its own task's gradient (heads only, cheap)
+    heads = (
+        [p for p in task_params if p.requires_grad]
+        if task_params is not None
+        else task_leaves(losses, [*shared, *own], stop_at=features)
+    )
+    if heads:
+        torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
+
+    if rec.needs == "losses":  # one ordinary backward of the method's objective
+        assert isinstance(balancer, LossWeighting)
+        objective = balancer.objective(losses)
+        objective.backward(inputs=[*shared, *own], retain_graph=extra_loss is not None)
+        if extra_loss is not None:
+            extra_loss.backward()
+        return balancer.last_weights
+
+    # 2) shared parameters
+    if mode == "representation":
+        assert features is not None
+        k = losses.shape[0]
+        eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+        (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=extra_loss is not None)
+        if zgrad is None:
+            zgrad = features.new_zeros((k, *features.shape))
+        direction = balancer.combine(zgrad.reshape(k, -1), losses.detach())
+        grad_z = direction.view_as(features).to(features.dtype)
+        if extra_loss is not None:
+            torch.autograd.backward([features, extra_loss], [grad_z, torch.ones_like(extra_loss)])
+        else:
+            torch.autograd.backward(features, grad_z, inputs=shared)
+        return balancer.last_weights
+
+    jac = jacobian(losses, shared, features=features, retain_graph=extra_loss is not None)
+    direction = balancer.combine(jac, losses.detach())
+    _accumulate(shared, direction)
+    if extra_loss is not None:
+        extra_loss.backward()
+    return balancer.last_weights
+
+
+def _check_encoder_covered(features: Tensor, shared: Sequence[Tensor]) -> None:
+    """Error if parameters feeding ``features`` are missing from ``shared_params``."""
+    missing = task_leaves(features, shared)
+    missing = [m for m in missing if isinstance(m, nn.Parameter) or m.requires_grad]
+    if missing:
+        shapes = [tuple(m.shape) for m in missing[:5]]
+        raise ValueError(
+            f"{len(missing)} tensor(s) requiring grad feed `features` but are not in "
+            f"shared_params (shapes {shapes}{'...' if len(missing) > 5 else ''}); they would get "
+            "no gradient. Pass every encoder parameter as shared_params."
+        )
