@@ -145,3 +145,17 @@ def test_gradient_method_trains():
     t = make(name, epochs=3)
     hist = t.fit(loader(), loader())
     assert hist[-1]["val/a/acc"] > 0.7
+
+
+@pytest.mark.parametrize("balancer", ["pcgrad", "mgda", "upgrad"])
+def test_fast_engine_matches_jacobian_engine(balancer):
+    if balancer not in polytask.balancers.available():
+        pytest.skip(f"{balancer} not registered")
+    a = make(balancer, epochs=2)
+    assert a.capture is not None and len(a.capture.modules) == 1
+    a.fit(loader())
+    b = make(balancer, epochs=2, engine="jacobian")
+    assert b.capture is None
+    b.fit(loader())
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._fast import LinearCapture, fast_backward
 from .balancers import Balancer, LossWeighting
 
 __all__ = ["jacobian", "mtl_backward", "task_leaves"]
@@ -178,6 +179,7 @@ def mtl_backward(
     extra_loss: Tensor | None = None,
     task_names: Sequence[str] | None = None,
     check_finite: bool = True,
+    capture: LinearCapture | None = None,
 ) -> Tensor | None:
     """Backpropagate ``K`` task losses with a balancer; returns the task weights used.
 
@@ -196,6 +198,10 @@ def mtl_backward(
             auxiliary loss); its gradient is added to every parameter it reaches.
         task_names: used in error messages.
         check_finite: raise :class:`FloatingPointError` naming the task on a NaN/inf loss.
+        capture: a :class:`~polytask.LinearCapture` over the shared linear layers, recorded during
+            this step's forward pass. In ``mode="params"`` it enables the exact activation-based
+            path: the Gramian (or Jacobian) comes from one batched backward to the layer outputs,
+            without per-task weight gradients and without a second backward pass.
     """
     if not isinstance(losses, Tensor):
         losses = torch.stack(list(losses))
@@ -237,6 +243,8 @@ def mtl_backward(
 
     if rec.needs == "losses":  # one ordinary backward of the method's objective
         assert isinstance(balancer, LossWeighting)
+        if capture is not None:
+            capture.clear()
         objective = balancer.objective(losses)
         objective.backward(inputs=[*shared, *own], retain_graph=extra_loss is not None)
         if extra_loss is not None:
@@ -246,6 +254,8 @@ def mtl_backward(
     # 2) shared parameters
     if mode == "representation":
         assert features is not None
+        if capture is not None:
+            capture.clear()
         k = losses.shape[0]
         eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
         (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=extra_loss is not None)
@@ -258,6 +268,14 @@ def mtl_backward(
         else:
             torch.autograd.backward(features, grad_z, inputs=shared)
         return balancer.last_weights
+
+    if capture is not None and capture.records:
+        weights = fast_backward(
+            losses, shared, capture, balancer, retain_graph=extra_loss is not None
+        )
+        if extra_loss is not None:
+            extra_loss.backward()
+        return weights
 
     jac = jacobian(losses, shared, features=features, retain_graph=extra_loss is not None)
     direction = balancer.combine(jac, losses.detach())

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .balancers import Balancer
+from ._fast import LinearCapture, capture_linear_layers
 from .engine import mtl_backward
 from .tasks import TaskSet
 
@@ -72,6 +73,8 @@ class TrainerConfig:
     progress: bool = True
     seed: int | None = 0
     log_every_step: bool = False
+    engine: str = "auto"  # "auto": activation-based exact path for shared nn.Linear layers;
+    # "jacobian": batched vector-Jacobian products for every shared parameter
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -173,6 +176,12 @@ class Trainer:
                 f"use amp='bf16' with {balancer.info.name!r}"
             )
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+        if cfg.engine not in ("auto", "jacobian"):
+            raise ValueError(f"engine must be 'auto' or 'jacobian', got {cfg.engine!r}")
+        self.capture: LinearCapture | None = None
+        if cfg.engine == "auto" and balancer.info.needs != "losses" and self.mode == "params":
+            cap = capture_linear_layers(model, list(model.shared_parameters()))
+            self.capture = cap if cap.modules else None
         self.run_config = dict(run_config or {})
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -216,6 +225,8 @@ class Trainer:
         batch = move_to(batch, self.device)
         rec = self.balancer.info
         need_features = self.mode == "representation" or rec.needs != "losses"
+        if self.capture is not None:
+            self.capture.clear()
         with self._autocast():
             outputs, features = self._forward(batch, need_features)
             tl = self.tasks.compute_losses(outputs, batch)
@@ -236,6 +247,7 @@ class Trainer:
             mode=self.mode,  # type: ignore[arg-type]
             extra_loss=aux,
             task_names=self.tasks.names,
+            capture=self.capture,
         )
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)

@@ -1,0 +1,195 @@
+"""Exact per-task Gramians and directions from layer activations (no K x P Jacobian).
+
+For a linear layer ``y = a W^T + b`` used on ``N`` rows (batch, or batch x tokens), task ``i``'s
+weight gradient is ``g_i^T a`` with ``g_i = dL_i/dy`` (``[N, D_out]``). Hence
+
+* ``<dW_i, dW_j> + <db_i, db_j> = tr(g_i^T M g_j)`` with ``M = a a^T + 1`` (``[N, N]``), and
+* the balanced update ``sum_i w_i dW_i = (sum_i w_i g_i)^T a``.
+
+One batched backward (``vmap`` over the ``K`` one-hot cotangents) gives every ``g_i`` at every
+captured layer output, and the per-task gradients of any shared parameter that is not in a
+captured linear layer. The Gramian and the update then follow without ever forming a per-task
+weight gradient of a captured layer and without a second backward pass. Each layer picks the
+cheaper of two exact contractions (through ``M``, or through the per-task weight gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["LinearCapture", "capture_linear_layers"]
+
+
+@dataclass
+class _Record:
+    module: nn.Linear
+    inputs: Tensor  # [N, D_in], detached
+    output: Tensor  # the layer output, in the graph
+
+
+class LinearCapture:
+    """Forward hooks on linear layers that record their inputs and outputs while training.
+
+    Create it once for the shared part of a model (see :func:`capture_linear_layers`) and pass it
+    to :func:`polytask.mtl_backward` as ``capture=``. Records are cleared after each use and are
+    not taken under ``torch.no_grad()``.
+    """
+
+    def __init__(self, modules: Iterable[nn.Linear]) -> None:
+        self.modules = list(modules)
+        self.records: list[_Record] = []
+        self._handles: list[RemovableHandle] = [
+            m.register_forward_hook(self._hook) for m in self.modules
+        ]
+        self.enabled = True
+
+    def _hook(self, module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+        if not self.enabled or not torch.is_grad_enabled() or not output.requires_grad:
+            return
+        assert isinstance(module, nn.Linear)
+        a = args[0]
+        self.records.append(_Record(module, a.detach().reshape(-1, a.shape[-1]), output))
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def remove(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.records.clear()
+
+    def covered(self) -> set[int]:
+        """ids of the parameters of the captured layers."""
+        return {id(p) for m in self.modules for p in m.parameters()}
+
+
+def capture_linear_layers(
+    module: nn.Module, shared_params: Sequence[Tensor] | None = None
+) -> LinearCapture:
+    """Capture every ``nn.Linear`` in ``module`` whose parameters are all shared."""
+    shared = None if shared_params is None else {id(p) for p in shared_params}
+    mods = [
+        m
+        for m in module.modules()
+        if type(m) is nn.Linear
+        and (shared is None or all(id(p) in shared for p in m.parameters()))
+    ]
+    return LinearCapture(mods)
+
+
+def _layer_gramian(a: Tensor, g: Tensor, has_bias: bool) -> Tensor:
+    """``[K, K]`` Gramian of a linear layer's per-task (weight, bias) gradients."""
+    k, n, d_out = g.shape
+    d_in = a.shape[1]
+    cost_m = n * n * d_in + k * n * n * d_out + k * k * n * d_out
+    cost_w = k * n * d_in * d_out + k * k * d_in * d_out
+    if cost_m < cost_w:
+        m = a @ a.T
+        if has_bias:
+            m = m + 1.0
+        h = torch.matmul(m, g)  # [K, N, D_out]
+        return torch.einsum("inx,jnx->ij", g, h)
+    dw = torch.einsum("kno,ni->koi", g, a).reshape(k, -1)
+    gram = dw @ dw.T
+    if has_bias:
+        db = g.sum(1)
+        gram = gram + db @ db.T
+    return gram
+
+
+def fast_backward(
+    losses: Tensor,
+    shared: Sequence[Tensor],
+    capture: LinearCapture,
+    balancer: "Balancer",  # noqa: F821
+    *,
+    retain_graph: bool,
+) -> Tensor | None:
+    """Balanced update into ``.grad`` of ``shared`` from captured activations (exact)."""
+    from .balancers import GramianWeighting
+
+    k = losses.shape[0]
+    covered = capture.covered()
+    records = [r for r in capture.records if r.output.requires_grad]
+    capture.clear()
+    rest = [p for p in shared if id(p) not in covered]
+    outputs = [r.output for r in records]
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    grads = torch.autograd.grad(
+        losses,
+        [*outputs, *rest],
+        grad_outputs=eye,
+        is_grads_batched=True,
+        retain_graph=retain_graph,
+        allow_unused=True,
+    )
+    g_out = [
+        (g if g is not None else o.new_zeros((k, *o.shape))).reshape(k, -1, o.shape[-1])
+        for g, o in zip(grads[: len(outputs)], outputs)
+    ]
+    g_rest = [
+        (g if g is not None else p.new_zeros((k, *p.shape))).reshape(k, -1)
+        for g, p in zip(grads[len(outputs) :], rest)
+    ]
+    # group the uses of each captured module (a layer applied several times sums its uses)
+    by_module: dict[int, tuple[nn.Linear, list[Tensor], list[Tensor]]] = {}
+    for r, g in zip(records, g_out):
+        entry = by_module.setdefault(id(r.module), (r.module, [], []))
+        entry[1].append(r.inputs)
+        entry[2].append(g)
+    layers = [(m, torch.cat(a_list, 0), torch.cat(g_list, 1)) for m, a_list, g_list in by_module.values()]
+    # shared parameters in captured modules that were not used in this forward get no gradient
+    shared_ids = {id(p) for p in shared}
+
+    if isinstance(balancer, GramianWeighting):
+        gram = losses.new_zeros(k, k)
+        for m, a, g in layers:
+            gram = gram + _layer_gramian(a.to(g.dtype), g, m.bias is not None)
+        for j in g_rest:
+            gram = gram + j @ j.T
+        w = balancer.weights_from_gramian(gram, losses.detach())
+        balancer.last_weights = w.detach()
+        w = w.to(losses.dtype)
+        for m, a, g in layers:
+            gw = torch.einsum("k,kno->no", w, g)
+            _add_grad(m.weight, gw.T @ a.to(gw.dtype), shared_ids)
+            if m.bias is not None:
+                _add_grad(m.bias, gw.sum(0), shared_ids)
+        for p, j in zip(rest, g_rest):
+            _add_grad(p, (w @ j).view_as(p), shared_ids)
+        return balancer.last_weights
+
+    # a Jacobian method: form the rows (in the order of `shared`)
+    per_param: dict[int, Tensor] = {}
+    for m, a, g in layers:
+        per_param[id(m.weight)] = torch.einsum("kno,ni->koi", g, a.to(g.dtype)).reshape(k, -1)
+        if m.bias is not None:
+            per_param[id(m.bias)] = g.sum(1)
+    for p, j in zip(rest, g_rest):
+        per_param[id(p)] = j
+    cols = [per_param.get(id(p), p.new_zeros(k, p.numel())) for p in shared]
+    jac = torch.cat(cols, dim=1)
+    direction = balancer.combine(jac, losses.detach())
+    offset = 0
+    for p in shared:
+        n = p.numel()
+        _add_grad(p, direction[offset : offset + n].view_as(p), shared_ids)
+        offset += n
+    return balancer.last_weights
+
+
+def _add_grad(p: Tensor, g: Tensor, shared_ids: set[int]) -> None:
+    if id(p) not in shared_ids:
+        return
+    g = g.to(p.dtype)
+    if p.grad is None:
+        p.grad = g.clone()
+    else:
+        p.grad.add_(g)
