@@ -22,6 +22,10 @@ from ._base import (
 
 # Importing the implementation modules fills the registry.
 from . import _simple  # noqa: F401, E402
+from . import _gramian  # noqa: F401, E402
+from . import _losses  # noqa: F401
+from . import _jacobian  # noqa: F401
+from ._jacobian import compose, partition
 
 __all__ = [
     "Balancer",
@@ -30,7 +34,9 @@ __all__ = [
     "JacobianAggregator",
     "LossWeighting",
     "available",
+    "compose",
     "create",
     "info",
+    "partition",
     "register",
 ]

@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import JacobianAggregator, LossWeighting, register
@@ -87,8 +86,10 @@ class _StateMixin(nn.Module):
             key = prefix + name
             saved = state_dict.get(key)
             current = self._buffers.get(name)
-            if isinstance(saved, Tensor) and current is not None and (
-                saved.shape != current.shape or saved.dtype != current.dtype
+            if (
+                isinstance(saved, Tensor)
+                and current is not None
+                and (saved.shape != current.shape or saved.dtype != current.dtype)
             ):
                 self._buffers[name] = torch.empty(
                     saved.shape, dtype=saved.dtype, device=current.device
@@ -111,6 +112,12 @@ def _backward_into(objective: Tensor, params: Iterable[nn.Parameter]) -> None:
         torch.autograd.backward(objective, inputs=params)
 
 
+def _floor(losses: Tensor) -> Tensor:
+    """``max(losses, 1e-20)`` whose gradient is 1 everywhere (a straight-through floor), so an
+    objective built on floored losses still has the gradient its weights describe."""
+    return losses + (_LOSS_FLOOR - losses).clamp(min=0.0).detach()
+
+
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     """``num / den`` where ``den != 0``, else 0."""
     nonzero = den != 0
@@ -124,8 +131,8 @@ class _EpochMixin(_StateMixin):
     average training loss of each task over a finished epoch. Here every call of
     :meth:`LossWeighting.weights` adds the step's losses to a running sum; an epoch is closed either
 
-    * by calling :meth:`epoch_end` (the trainer does so when ``"epoch_end"`` is in the method's
-      ``protocol``), or
+    * by calling :meth:`epoch_end` (polytask's trainer calls it on every balancer at the end of
+      each epoch), or
     * automatically after ``steps_per_epoch`` steps when that hyperparameter is set.
 
     :meth:`epoch_end` with no step recorded since the last close is a no-op, so a trainer calling it
@@ -136,7 +143,9 @@ class _EpochMixin(_StateMixin):
         if steps_per_epoch is not None and (
             not isinstance(steps_per_epoch, int) or steps_per_epoch < 1
         ):
-            raise ValueError(f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}")
+            raise ValueError(
+                f"steps_per_epoch must be a positive int or None, got {steps_per_epoch!r}"
+            )
         self.steps_per_epoch = steps_per_epoch
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         self.register_buffer("epoch_steps", torch.zeros((), dtype=torch.long))
@@ -180,7 +189,8 @@ def _losses_of(method: nn.Module, losses: Tensor | None) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 @register(
     "uw",
-    paper="Kendall, Gal & Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses, CVPR 2018",
+    paper="Kendall, Gal & Cipolla, Multi-Task Learning Using Uncertainty to Weigh Losses for "
+    "Scene Geometry and Semantics, CVPR 2018",
     description="Uncertainty weighting: learnable log-variances s, loss sum L/(2e^s) + s/2.",
     learnable=True,
     reference="LibMTL weighting/UW.py",
@@ -206,7 +216,7 @@ class UncertaintyWeighting(LossWeighting):
         return (0.5 * torch.exp(-self.log_vars)).detach()
 
     def objective(self, losses: Tensor) -> Tensor:
-        s = self.log_vars.to(losses.dtype)
+        s = self.log_vars.to(losses)
         self.last_weights = (0.5 * torch.exp(-s)).detach()
         return (losses * 0.5 * torch.exp(-s) + 0.5 * s).sum()
 
@@ -240,7 +250,7 @@ class IMTLL(LossWeighting):
         return torch.exp(self.loss_scale).detach()
 
     def objective(self, losses: Tensor) -> Tensor:
-        s = self.loss_scale.to(losses.dtype)
+        s = self.loss_scale.to(losses)
         self.last_weights = torch.exp(s).detach()
         return (torch.exp(s) * losses - s).sum()
 
@@ -253,7 +263,6 @@ class IMTLL(LossWeighting):
     paper="Liu, Johns & Davison, End-to-End Multi-Task Learning with Attention, CVPR 2019",
     description="Dynamic Weight Average: K softmax(r/T), r = ratio of the last two epoch losses.",
     stateful=True,
-    protocol=("epoch_end",),
     reference="LibMTL weighting/DWA.py (from the official mtan code)",
 )
 class DWA(_EpochMixin, LossWeighting):
@@ -266,9 +275,9 @@ class DWA(_EpochMixin, LossWeighting):
     ``e >= 2`` are ``K softmax((a_{e-1} / a_{e-2}) / T)``; during epochs 0 and 1 they are all 1.
 
     Step-wise tracking: each step's raw losses are added to a running per-epoch average (see
-    :class:`_EpochMixin`). An epoch ends when :meth:`epoch_end` is called (``protocol`` contains
-    ``"epoch_end"``, so the trainer calls it) or, with ``steps_per_epoch=n``, after every ``n``
-    steps. Only the last two epoch averages are kept (buffers ``last_avg`` and ``prev_avg``).
+    :class:`_EpochMixin`). An epoch ends when :meth:`epoch_end` is called (the trainer calls it
+    after each epoch) or, with ``steps_per_epoch=n``, after every ``n`` steps. Only the last two
+    epoch averages are kept (buffers ``last_avg`` and ``prev_avg``).
     """
 
     _adaptive_buffers = ("epoch_loss_sum", "last_avg", "prev_avg")
@@ -304,7 +313,8 @@ class DWA(_EpochMixin, LossWeighting):
 # ------------------------------------------------------------------------------------------------
 @register(
     "rlw",
-    paper="Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for MTL, TMLR 2022",
+    paper="Lin et al., Reasonable Effectiveness of Random Weighting: A Litmus Test for "
+    "Multi-Task Learning, TMLR 2022",
     description="Random loss weighting: softmax of standard-normal samples, drawn every step.",
     reference="LibMTL weighting/RLW.py",
 )
@@ -352,13 +362,12 @@ class GLS(LossWeighting):
         super().__init__(n_tasks)
 
     def weights(self, losses: Tensor | None) -> Tensor:
-        losses = _losses_of(self, losses).clamp(min=_LOSS_FLOOR)
-        log_l = torch.log(losses)
+        log_l = torch.log(_floor(_losses_of(self, losses)))
         return torch.exp(log_l.mean() - log_l) / self.n_tasks
 
     def objective(self, losses: Tensor) -> Tensor:
         self.last_weights = self.weights(losses.detach()).detach()
-        return torch.exp(torch.log(losses.clamp(min=_LOSS_FLOOR)).mean())
+        return torch.exp(torch.log(_floor(losses)).mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -383,11 +392,11 @@ class ScaleInvariant(LossWeighting):
         super().__init__(n_tasks)
 
     def weights(self, losses: Tensor | None) -> Tensor:
-        return 1.0 / _losses_of(self, losses).clamp(min=_LOSS_FLOOR)
+        return 1.0 / _floor(_losses_of(self, losses))
 
     def objective(self, losses: Tensor) -> Tensor:
         self.last_weights = self.weights(losses.detach()).detach()
-        return torch.log(losses.clamp(min=_LOSS_FLOOR)).sum()
+        return torch.log(_floor(losses)).sum()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -396,7 +405,7 @@ class ScaleInvariant(LossWeighting):
 @register(
     "famo",
     paper="Liu, Feng, Stone & Liu, FAMO: Fast Adaptive Multitask Optimization, NeurIPS 2023",
-    description="FAMO: softmax task logits updated by Adam from the log-loss decrease after each step.",
+    description="FAMO: softmax task logits, updated by Adam from each step's log-loss decrease.",
     stateful=True,
     protocol=("loss_after_step",),
     reference="Cranial-XIX/FAMO famo.py",
@@ -454,7 +463,7 @@ class FAMO(_StateMixin, LossWeighting):
     def objective(self, losses: Tensor) -> Tensor:
         w = self.weights(losses.detach())
         self.last_weights = w.detach()
-        z = torch.softmax(self.logits, dim=-1).to(losses.dtype)
+        z = torch.softmax(self.logits, dim=-1).to(losses)
         gap = self._gap(losses)
         c = (z / gap.detach()).sum()
         return (torch.log(gap) * z / c).sum()
@@ -466,7 +475,9 @@ class FAMO(_StateMixin, LossWeighting):
             raise RuntimeError("famo: after_step() called before any weights()/combine() call")
         new = torch.as_tensor(losses).to(self.prev_losses).detach()
         if new.shape != (self.n_tasks,):
-            raise ValueError(f"famo: losses must have shape [{self.n_tasks}], got {tuple(new.shape)}")
+            raise ValueError(
+                f"famo: losses must have shape [{self.n_tasks}], got {tuple(new.shape)}"
+            )
         logits = self._state("logits", new)
         delta = torch.log(self._gap(self.prev_losses)) - torch.log(self._gap(new))
         z = torch.softmax(logits, dim=-1)
@@ -488,10 +499,10 @@ class FAMO(_StateMixin, LossWeighting):
 # ------------------------------------------------------------------------------------------------
 @register(
     "stch",
-    paper="Lin et al., Smooth Tchebycheff Scalarization for Multi-Objective Optimization, ICML 2024",
+    paper="Lin et al., Smooth Tchebycheff Scalarization for Multi-Objective Optimization, "
+    "ICML 2024",
     description="Smooth Tchebycheff scalarisation of nadir-normalised log losses after a warm-up.",
     stateful=True,
-    protocol=("epoch_end",),
     reference="Xi-L/STCH STCH_MTL/LibMTL/weighting/STCH.py",
 )
 class STCH(_EpochMixin, LossWeighting):
@@ -534,14 +545,14 @@ class STCH(_EpochMixin, LossWeighting):
         return self.current_epoch > self.warmup_epoch
 
     def _log_terms(self, losses: Tensor) -> Tensor:
-        return torch.log(losses / self._state("nadir", losses) + 1e-20)
+        return torch.log(_floor(losses) / self._state("nadir", losses) + 1e-20)
 
     def weights(self, losses: Tensor | None) -> Tensor:
         losses = _losses_of(self, losses)
         if self._smooth():
             nadir = self._state("nadir", losses)
             soft = torch.softmax(self._log_terms(losses) / self.mu, dim=-1)
-            w = self.n_tasks * soft / (losses + 1e-20 * nadir)
+            w = self.n_tasks * soft / (_floor(losses) + 1e-20 * nadir)
         else:
             w = 1.0 / (losses + 1e-20)
         self._track(losses)
@@ -609,7 +620,7 @@ def _kmeans_1d(values: list[float], n_groups: int) -> list[int]:
 @register(
     "go4align",
     paper="Shen et al., GO4Align: Group Optimization for Multi-Task Alignment, NeurIPS 2024",
-    description="Adaptive group risk minimisation: risk-guided indicators averaged over task groups.",
+    description="Adaptive group risk minimisation: risk-guided indicators averaged per task group.",
     stateful=True,
     reference="autumn9999/GO4Align methods/cluster_methods.py GO4ALIGN",
 )
@@ -642,10 +653,12 @@ class GO4Align(_StateMixin, LossWeighting):
         self.register_buffer("probs", torch.full((n_tasks,), 1.0 / n_tasks))
 
     def weights(self, losses: Tensor | None) -> Tensor:
-        losses = _losses_of(self, losses).clamp(min=_LOSS_FLOOR)
+        losses = _floor(_losses_of(self, losses))
         scale = losses.sum() / losses
-        probs = self._state("probs", losses) * torch.exp(-self.robust_step_size * losses)
-        probs = probs / probs.sum()
+        # p <- p exp(-eta L) / sum(...), done in log space so huge losses cannot give 0 / 0
+        probs = torch.softmax(
+            torch.log(self._state("probs", losses)) - self.robust_step_size * losses, dim=-1
+        )
         self._set_state("probs", probs)
         indicators = scale * probs
         if self.num_groups == 1 or self.n_tasks == 1:
@@ -666,8 +679,9 @@ class GO4Align(_StateMixin, LossWeighting):
 @register(
     "excess_mtl",
     paper="He et al., Robust Multi-Task Learning with Excess Risks, ICML 2024",
-    description="ExcessMTL: exponentiated-gradient weights from AdaGrad-style excess-risk estimates.",
+    description="ExcessMTL: exponentiated-gradient weights from AdaGrad-style excess risks.",
     stateful=True,
+    modes=("params",),
     reference="torchjd 0.18 aggregation.ExcessMTL",
 )
 class ExcessMTL(_StateMixin, JacobianAggregator):
@@ -682,15 +696,21 @@ class ExcessMTL(_StateMixin, JacobianAggregator):
     weights stay ``1/K`` and ``r`` is averaged into the baseline. Afterwards ``r`` is divided by the
     baseline ``r0 + 1e-7`` (with ``n_warmup_steps=0`` the first call's ``r`` is the baseline and is
     used raw), and ``w <- softmax(log w + robust_step_size * r)``. Direction ``w @ J``.
-    Needs the Jacobian (lives with the loss weightings because it weights tasks).
+    Needs the Jacobian (lives with the loss weightings because it weights tasks). Parameter mode
+    only: its ``[K, P]`` accumulator needs the same ``P`` coordinates at every step, which
+    representation gradients (batch-sized) do not have.
     """
 
     _adaptive_buffers = ("task_weights", "sq_grad_sum", "initial_risk", "warmup_risk_sum")
 
-    def __init__(self, n_tasks: int, robust_step_size: float = 1.0, n_warmup_steps: int = 0) -> None:
+    def __init__(
+        self, n_tasks: int, robust_step_size: float = 1.0, n_warmup_steps: int = 0
+    ) -> None:
         super().__init__(n_tasks)
         if not robust_step_size > 0:
-            raise ValueError(f"excess_mtl: robust_step_size must be positive, got {robust_step_size!r}")
+            raise ValueError(
+                f"excess_mtl: robust_step_size must be positive, got {robust_step_size!r}"
+            )
         if n_warmup_steps < 0:
             raise ValueError(f"excess_mtl: n_warmup_steps must be >= 0, got {n_warmup_steps!r}")
         self.robust_step_size = float(robust_step_size)
@@ -735,4 +755,3 @@ class ExcessMTL(_StateMixin, JacobianAggregator):
             self._set_state("task_weights", w)
         self.last_weights = w.detach().clone()
         return w @ jacobian
-
