@@ -21,6 +21,7 @@ Stage outputs come in three layouts, recognised from the per-sample shape:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -92,8 +93,9 @@ class MLP(nn.Sequential):
         sizes = [int(s) for s in sizes]
         if len(sizes) < 2:
             raise ValueError(f"MLP needs at least an input and an output size, got {sizes}")
+        _make_act(act)  # validate the activation even when no layer uses it
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2 or last_act:
                 layers.append(_make_act(act))
@@ -176,7 +178,7 @@ class StagedMLP(Stages):
         if len(sizes) < 2:
             raise ValueError(f"StagedMLP needs at least two sizes, got {sizes}")
         stages = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in itertools.pairwise(sizes):
             layers: list[nn.Module] = [nn.Linear(a, b), _make_act(act)]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))

@@ -10,11 +10,22 @@ each task's input is its own batch). Architectures compute only what task ``t`` 
 
 For multi-input batches ``encode`` returns ``{task: features}`` and ``decode`` takes such a dict;
 ``last_gate_weights`` keys are prefixed with ``"<task>:"``.
+
+**Representation contract.** Where ``encode`` exists it is *exact* for the engine
+(:func:`polytask.mtl_backward` with ``features``): (1) only shared parameters feed the features,
+and (2) shared parameters reach the predictions only through the features (``decode`` holds task
+parameters only; what it reads besides the features is parameter-free, e.g. the raw input for the
+gates). Both modes of the engine are then exact. Where no tensor satisfies this (e.g. MMoE with a
+learned ``gate_input``, PLE with more than one level) ``encode`` raises
+:class:`NotImplementedError` and the engine's params mode (without features) is the way to train.
+When the common representation consists of several tensors of different shapes they are
+flattened and concatenated into ``[B, F]`` (:func:`pack`); ``decode`` splits them again.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -119,6 +130,33 @@ def flatten_batch(x: Any, what: str = "gate") -> Tensor:
     return x.reshape(x.shape[0], -1) if x.dim() != 2 else x
 
 
+def pack(parts: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, ...]] | None]:
+    """One tensor from several ``[B, ...]`` tensors: the tensor itself for one part, else the
+    flattened parts concatenated to ``[B, F]``; returns it and the layout for :func:`unpack`."""
+    if len(parts) == 1:
+        return parts[0], None
+    shapes = [tuple(p.shape[1:]) for p in parts]
+    return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1), shapes
+
+
+def unpack(z: Tensor, layout: list[tuple[int, ...]] | None) -> list[Tensor]:
+    """Inverse of :func:`pack`."""
+    if layout is None:
+        return [z]
+    out, start = [], 0
+    for shape in layout:
+        n = math.prod(shape)
+        out.append(z[:, start : start + n].reshape(z.shape[0], *shape))
+        start += n
+    if start != z.shape[1]:
+        raise RuntimeError("decode got features of another layout than encode produced")
+    return out
+
+
+def has_trainable(module: nn.Module | None) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
 class _Model(MultiTaskModel):
     """Base of the architectures: dispatches single- and multi-input batches.
 
@@ -139,6 +177,10 @@ class _Model(MultiTaskModel):
         self.last_gate_weights: dict[str, Tensor] = {}
 
     # -- subclass hooks -------------------------------------------------------------------------
+    def _no_representation(self) -> str | None:
+        """Why this configuration has no exact common representation (``None``: it has one)."""
+        return None if self._has_encode else "it has no common representation"
+
     def _forward(self, x: Any, tasks: tuple[str, ...]) -> Result:
         feats, ctx = self._encode(x, tasks)
         return self._decode(feats, ctx, tasks)
@@ -163,8 +205,12 @@ class _Model(MultiTaskModel):
         return out
 
     def encode(self, x: Any) -> Any:
-        if not self._has_encode:
-            return self._encode(x, tuple(self.task_names))  # raises NotImplementedError
+        reason = self._no_representation()
+        if reason is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} exposes no common representation ({reason}); "
+                "use the engine's 'params' mode without features"
+            )
         if is_multi_input(x, self.task_names):
             feats, ctxs = {}, {}
             for t, xt in x.items():
@@ -176,8 +222,9 @@ class _Model(MultiTaskModel):
         return feats
 
     def decode(self, features: Any) -> dict[str, Tensor]:
-        if not self._has_encode:
-            raise NotImplementedError(f"{type(self).__name__} exposes no common representation")
+        reason = self._no_representation()
+        if reason is not None:
+            raise NotImplementedError(f"{type(self).__name__} has no decode ({reason})")
         if self._ctx is None:
             raise RuntimeError(f"{type(self).__name__}.decode must follow encode of the same batch")
         kind, ctx = self._ctx

@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._base import register
-from ._common import ExpertSpec, Result, _Model, check_heads, flatten_batch, make_modules, unique_params
+from ._common import (
+    ExpertSpec,
+    Result,
+    _Model,
+    check_heads,
+    flatten_batch,
+    has_trainable,
+    make_modules,
+    unique_params,
+)
 
 
 def mix_experts(weights: Tensor, stacked: Tensor) -> Tensor:
@@ -47,10 +56,10 @@ class MMoE(_Model):
     Shared parameters: the experts and ``gate_input``. Task ``t``: its gate and its tower.
 
     Representation: ``encode(x)`` returns the stacked expert outputs ``[B, E, *D]`` that all
-    gates read and remembers the gates' input; ``decode`` applies the gates and the towers and
-    must follow the ``encode`` of the same batch. Parameters of ``gate_input`` reach the tasks
-    through the gates as well, so in the engine's representation mode that part of their gradient
-    bypasses the representation.
+    gates read and remembers the gates' (parameter-free) input; ``decode`` applies the gates and
+    the towers and must follow the ``encode`` of the same batch. With a ``gate_input`` that has
+    trainable parameters those shared parameters would reach the tasks past the representation, so
+    ``encode`` raises ``NotImplementedError`` (train in the engine's params mode).
 
     Multi-input batches ``{task: x_t}``: the experts run on each task's input and task ``t``'s
     gate reads ``x_t`` (one expert pass per task).
@@ -98,6 +107,11 @@ class MMoE(_Model):
 
     def _gate_source(self, x: Any) -> Tensor:
         return flatten_batch(self.gate_input(x) if self.gate_input is not None else x)
+
+    def _no_representation(self) -> str | None:
+        if has_trainable(self.gate_input):
+            return "the gates read a learned gate_input, a shared module outside the experts"
+        return None
 
     def _encode(self, x: Any, tasks: tuple[str, ...]) -> tuple[Tensor, Any]:
         stacked = torch.stack([expert(x) for expert in self.experts], dim=1)
@@ -150,7 +164,9 @@ class DSelectKGate(nn.Module):
         self.n_experts, self.k, self.gamma = int(n_experts), int(k), float(gamma)
         self.n_bits = math.ceil(math.log2(n_experts))
         self.power_of_2 = n_experts == 2**self.n_bits
-        codes = [[(i >> (self.n_bits - 1 - b)) & 1 for b in range(self.n_bits)] for i in range(n_experts)]
+        codes = [
+            [(i >> (self.n_bits - 1 - b)) & 1 for b in range(self.n_bits)] for i in range(n_experts)
+        ]
         self.register_buffer("codes", torch.tensor(codes, dtype=torch.bool), persistent=False)
         self.conditioned = in_features is not None
         lim = self.gamma / 100
@@ -253,7 +269,7 @@ class DSelectK(MMoE):
     def _gate_source(self, x: Any) -> Tensor:
         if not self.conditioned:
             batch = next(iter(x.values())) if isinstance(x, Mapping) else x
-            return torch.empty(batch.shape[0], 0)  # carries the batch size only
+            return batch.new_empty(batch.shape[0], 0)  # carries the batch size only
         return super()._gate_source(x)
 
     def _gate_weights(self, task: str, src: Tensor) -> tuple[Tensor, Tensor | None]:

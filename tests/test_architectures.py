@@ -1,0 +1,888 @@
+"""One suite over every registered architecture, plus architecture-specific checks.
+
+Each registered name needs a small config in ``CONFIGS`` (a test fails for a registered name
+without one, so new architectures get covered).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from polytask.architectures import (
+    CGC,
+    ESMM,
+    MLP,
+    MTAN,
+    NDDR,
+    PLE,
+    CrossStitch,
+    DSelectK,
+    HardSharing,
+    LearningToBranch,
+    LeNetStages,
+    MMoE,
+    RoutedMoE,
+    StagedEncoder,
+    StagedMLP,
+    Stages,
+    TaskGroups,
+    available,
+    infer_stage_shapes,
+    info,
+)
+
+TASKS = ("a", "b", "c")
+OUT = {"a": 2, "b": 1, "c": 3}
+
+
+@dataclass
+class Config:
+    build: Callable[[], nn.Module]
+    make_input: Callable[[int], Any]
+    tasks: tuple[str, ...] = TASKS
+    out_dims: dict[str, int] = field(default_factory=lambda: dict(OUT))
+    has_gates: bool = False
+    has_encode: bool = False
+    has_aux: bool = False
+    multi_input: bool = True
+
+
+def _heads(width: int, tasks=TASKS) -> dict[str, nn.Module]:
+    return {t: nn.Linear(width, OUT[t]) for t in tasks}
+
+
+def _vec(b: int) -> Tensor:
+    return torch.randn(b, 6)
+
+
+def _img(b: int) -> Tensor:
+    return torch.randn(b, 1, 20, 20)
+
+
+def _lenet() -> LeNetStages:
+    return LeNetStages(channels=(4, 6), features=12, image_size=20)
+
+
+def _modal(b: int) -> dict[str, Tensor]:
+    mask = torch.rand(b, 2) > 0.4
+    mask[:, 0] |= ~mask[:, 1]  # every sample has at least one modality
+    return {"img": torch.randn(b, 6), "txt": torch.randn(b, 5), "modality_mask": mask}
+
+
+def _expert() -> nn.Module:
+    return MLP([6, 16, 8], last_act=True)
+
+
+CONFIGS: dict[str, Config] = {
+    "hps": Config(
+        lambda: HardSharing(MLP([6, 16, 8], last_act=True), _heads(8)),
+        _vec,
+        has_encode=True,
+        multi_input=False,
+    ),
+    "mmoe": Config(
+        lambda: MMoE(_expert, 3, _heads(8), gate_in_features=6),
+        _vec,
+        has_gates=True,
+        has_encode=True,
+    ),
+    "dselect_k": Config(
+        lambda: DSelectK(_expert, 4, _heads(8), gate_in_features=6, k=2, entropy_reg=1e-2),
+        _vec,
+        has_gates=True,
+        has_encode=True,
+        has_aux=True,
+    ),
+    "cgc": Config(
+        lambda: CGC(
+            _expert, _heads(8), gate_in_features=6, n_shared=2, n_specific={"a": 1, "b": 2, "c": 1}
+        ),
+        _vec,
+        has_gates=True,
+        has_encode=True,
+    ),
+    "ple": Config(
+        lambda: PLE(
+            [_expert, lambda: MLP([8, 8], last_act=True), lambda: MLP([8, 8], last_act=True)],
+            _heads(8),
+            gate_in_features=6,
+            expert_out_features=8,
+            n_shared=2,
+            n_specific={"a": 1, "b": 2, "c": 1},
+            n_levels=3,
+        ),
+        _vec,
+        has_gates=True,
+    ),
+    "mtan": Config(lambda: MTAN(_lenet(), _heads(12)), _img),
+    "cross_stitch": Config(lambda: CrossStitch(StagedMLP([6, 16, 16, 8]), _heads(8)), _vec),
+    "nddr": Config(lambda: NDDR(_lenet(), _heads(12), after_last=True), _img),
+    "ltb": Config(
+        lambda: LearningToBranch(StagedMLP([6, 16, 16, 8]), _heads(8), widths=[1, 2]),
+        _vec,
+        has_gates=True,
+    ),
+    "esmm": Config(
+        lambda: ESMM(
+            MLP([6, 16], last_act=True), nn.Linear(16, 1), nn.Linear(16, 1), ("click", "buy")
+        ),
+        _vec,
+        tasks=("click", "buy"),
+        out_dims={"click": 1, "buy": 1},
+        has_encode=True,
+    ),
+    "task_groups": Config(
+        lambda: TaskGroups(StagedMLP([6, 16, 16, 8]), _heads(8), [["a", "b"], ["c"]], branch_at=1),
+        _vec,
+        has_encode=True,
+    ),
+    "moe_router": Config(
+        lambda: RoutedMoE(
+            lambda: MLP([8, 16, 8]),
+            4,
+            _heads(8),
+            d_model=8,
+            k=2,
+            n_shared=1,
+            modalities={"img": nn.Linear(6, 8), "txt": MLP([5, 8])},
+            dispatch="dense",
+        ),
+        _modal,
+        has_gates=True,
+        has_encode=True,
+        has_aux=True,
+    ),
+}
+
+NAMES = available()
+
+
+def _cfg(name: str) -> Config:
+    assert name in CONFIGS, f"architecture {name!r} has no test config in CONFIGS"
+    return CONFIGS[name]
+
+
+def _build(name: str, seed: int = 0) -> tuple[Config, nn.Module]:
+    cfg = _cfg(name)
+    torch.manual_seed(seed)
+    return cfg, cfg.build()
+
+
+def _multi(cfg: Config, sizes=(3, 4, 5)) -> dict[str, Any]:
+    return {t: cfg.make_input(sizes[i % len(sizes)]) for i, t in enumerate(cfg.tasks)}
+
+
+def _objective(model: nn.Module, out: dict[str, Tensor], tasks) -> Tensor:
+    loss = sum(out[t].pow(2).mean() for t in tasks)
+    aux = model.auxiliary_loss()
+    return loss + aux if aux is not None else loss
+
+
+def _params_by_id(params) -> dict[int, nn.Parameter]:
+    params = list(params)
+    assert len({id(p) for p in params}) == len(params), "a parameter is listed twice"
+    return {id(p): p for p in params}
+
+
+def _close(a: dict[str, Tensor], b: dict[str, Tensor], atol: float = 1e-5) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# The suite over every registered architecture
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registry_record(name):
+    rec = info(name)
+    assert rec.paper and rec.description
+    assert rec.factory.__doc__ and len(rec.factory.__doc__) > 200
+    cfg, model = _build(name)
+    assert list(model.task_names) == list(cfg.tasks)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shapes_single_input(name):
+    cfg, model = _build(name)
+    out = model(cfg.make_input(4))
+    assert list(out) == list(cfg.tasks)
+    for t, y in out.items():
+        assert y.shape == (4, cfg.out_dims[t]), (t, y.shape)
+        assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_multi_input(name):
+    cfg, model = _build(name)
+    if not cfg.multi_input:
+        pytest.skip(f"{name} has no multi-input dispatch (its module is outside this change)")
+    model.eval()
+    batch = _multi(cfg)
+    with torch.no_grad():
+        out = model(batch)
+        assert list(out) == list(cfg.tasks)
+        for t, y in out.items():
+            assert y.shape == (batch_size(batch[t]), cfg.out_dims[t])
+            # task t's prediction on x_t is the single-input model's prediction for t on x_t
+            torch.testing.assert_close(y, model(batch[t])[t], atol=1e-5, rtol=1e-4)
+        # a subset of the tasks works too
+        sub = {cfg.tasks[-1]: batch[cfg.tasks[-1]]}
+        assert list(model(sub)) == [cfg.tasks[-1]]
+
+
+def batch_size(x: Any) -> int:
+    return next(iter(x.values())).shape[0] if isinstance(x, dict) else x.shape[0]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("multi", [False, True])
+def test_every_parameter_gets_a_gradient(name, multi):
+    cfg, model = _build(name)
+    if multi and not cfg.multi_input:
+        pytest.skip(f"{name} has no multi-input dispatch")
+    model.train()
+    out = model(_multi(cfg) if multi else cfg.make_input(6))
+    _objective(model, out, cfg.tasks).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p.grad).all(), n
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gate_weights_sum_to_one(name):
+    cfg, model = _build(name)
+    if not cfg.has_gates:
+        assert not getattr(model, "last_gate_weights", {})
+        pytest.skip(f"{name} has no gates")
+    for train in (True, False):
+        model.train(train)
+        model(cfg.make_input(5))
+        gates = model.last_gate_weights
+        assert gates
+        for key, w in gates.items():
+            assert not w.requires_grad
+            assert (w >= 0).all(), key
+            torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]), msg=key)
+    if cfg.multi_input:
+        model(_multi(cfg))
+        assert all(":" in k for k in model.last_gate_weights)
+        for w in model.last_gate_weights.values():
+            torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_task_parameters_get_no_gradient_from_other_tasks(name):
+    cfg, model = _build(name)
+    model.train()
+    x = cfg.make_input(6)
+    shared = list(model.shared_parameters())
+    users = [0] * len(shared)
+    for s in cfg.tasks:
+        model.zero_grad(set_to_none=True)
+        model(x)[s].pow(2).mean().backward()
+        for t in cfg.tasks:
+            if t == s:
+                continue
+            for p in model.task_parameters(t):
+                assert p.grad is None or not p.grad.any(), (
+                    f"{t}'s parameter got a gradient from {s}"
+                )
+        # the task's own parameters are reached
+        assert all(p.grad is not None for p in model.task_parameters(s))
+        users = [u + (p.grad is not None) for u, p in zip(users, shared, strict=True)]
+    # shared means used by several tasks
+    names = {id(p): n for n, p in model.named_parameters()}
+    lonely = [names[id(p)] for u, p in zip(users, shared, strict=True) if u < 2]
+    assert not lonely, f"shared parameters reached by fewer than two tasks: {lonely}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_and_task_parameters_partition_the_model(name):
+    cfg, model = _build(name)
+    shared = _params_by_id(model.shared_parameters())
+    seen = set(shared)
+    for t in cfg.tasks:
+        own = _params_by_id(model.task_parameters(t))
+        assert not (set(own) & seen), f"{t}'s parameters overlap shared or another task's"
+        seen |= set(own)
+    assert seen == {id(p) for p in model.parameters()}
+    assert shared, "no shared parameters"
+    with pytest.raises(KeyError):
+        model.task_parameters("no-such-task")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name):
+    cfg, model = _build(name, seed=0)
+    model.train()
+    for _ in range(2):  # move batch-norm statistics away from their initial values
+        model(cfg.make_input(6))
+    _, fresh = _build(name, seed=1)
+    fresh.load_state_dict(model.state_dict())
+    model.eval()
+    fresh.eval()
+    x = cfg.make_input(5)
+    with torch.no_grad():
+        _close(model(x), fresh(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_decode_equals_forward(name):
+    cfg, model = _build(name)
+    model.eval()
+    x = cfg.make_input(5)
+    if not cfg.has_encode:
+        with pytest.raises(NotImplementedError):
+            model.encode(x)
+        return
+    with torch.no_grad():
+        feats = model.encode(x)
+        assert isinstance(feats, Tensor) and feats.shape[0] == 5
+        _close(model.decode(feats), model(x))
+        if cfg.multi_input:
+            batch = _multi(cfg)
+            feats = model.encode(batch)
+            assert set(feats) == set(cfg.tasks)
+            _close(model.decode(feats), model(batch))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_representation_is_exact(name):
+    """The engine's contract for ``features``: only shared parameters feed them, every shared
+    parameter feeds them, and shared parameters reach the predictions only through them."""
+    cfg, model = _build(name)
+    if not cfg.has_encode:
+        pytest.skip(f"{name} has no encode")
+    shared = list(model.shared_parameters())
+    owned = [p for t in cfg.tasks for p in model.task_parameters(t)]
+    feats = model.encode(cfg.make_input(6))
+    grads = torch.autograd.grad(feats.sum(), shared + owned, allow_unused=True)
+    assert all(g is not None for g in grads[: len(shared)]), "a shared parameter misses features"
+    assert all(g is None for g in grads[len(shared) :]), "a task parameter feeds features"
+    out = model.decode(feats.detach().requires_grad_())
+    total = sum(y.sum() for y in out.values())
+    for g in torch.autograd.grad(total, shared, allow_unused=True):
+        assert g is None or not g.any(), "a shared parameter reaches outputs past features"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_encode_decode_gradient(name):
+    """Features detached between encode and decode (the engine's representation mode) still
+    give every task a gradient on the features."""
+    cfg, model = _build(name)
+    if not cfg.has_encode:
+        pytest.skip(f"{name} has no encode")
+    feats = model.encode(cfg.make_input(5))
+    f = feats.detach().requires_grad_()
+    out = model.decode(f)
+    for t in cfg.tasks:
+        (g,) = torch.autograd.grad(out[t].sum(), f, retain_graph=True)
+        assert g.shape == f.shape and g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_auxiliary_loss_survives_zero_grad(name):
+    cfg, model = _build(name)
+    model.train()
+    model(cfg.make_input(6))
+    aux = model.auxiliary_loss()
+    if not cfg.has_aux:
+        assert aux is None
+        return
+    assert isinstance(aux, Tensor) and aux.dim() == 0 and aux.requires_grad
+    model.zero_grad(set_to_none=True)
+    aux = model.auxiliary_loss()
+    assert aux is not None and aux.requires_grad
+    aux.backward()
+    assert any(p.grad is not None and p.grad.any() for p in model.shared_parameters()) or any(
+        p.grad is not None and p.grad.any() for t in cfg.tasks for p in model.task_parameters(t)
+    )
+
+
+def _check_compiled(name: str, backend: str) -> None:
+    cfg, model = _build(name)
+    compiled = torch.compile(model, backend=backend)
+    model.eval()
+    x = cfg.make_input(5)
+    with torch.no_grad():
+        _close(compiled(x), model(x), atol=1e-4)
+    model.train()
+    out = compiled(cfg.make_input(6))
+    _objective(model, out, cfg.tasks).backward()
+    assert any(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile_traces(name):
+    torch._dynamo.reset()
+    _check_compiled(name, "aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile_inductor(name):
+    torch._dynamo.reset()
+    _check_compiled(name, "inductor")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def test_mlp():
+    m = MLP([4, 8, 8, 3], act="gelu", dropout=0.1)
+    assert m(torch.randn(2, 4)).shape == (2, 3)
+    assert m(torch.randn(2, 7, 4)).shape == (2, 7, 3)
+    assert isinstance(m[-1], nn.Linear)
+    assert isinstance(MLP([4, 8], act=nn.Tanh, last_act=True)[-1], nn.Tanh)
+    with pytest.raises(ValueError):
+        MLP([4])
+    with pytest.raises(ValueError):
+        MLP([4, 2], act="nope")
+
+
+def test_staged_encoders():
+    enc = LeNetStages()
+    assert isinstance(enc, StagedEncoder)
+    assert infer_stage_shapes(enc, torch.randn(2, 1, 36, 36)) == enc.stage_shapes
+    assert enc(torch.randn(2, 1, 36, 36)).shape == (2, 50)
+    s = StagedMLP([3, 5, 7])
+    assert s.stage_shapes == [(5,), (7,)] and isinstance(s, StagedEncoder)
+    wrapped = Stages([nn.Linear(3, 4), nn.ReLU()])
+    assert not hasattr(wrapped, "stage_shapes")
+    assert infer_stage_shapes(wrapped, torch.randn(2, 3)) == [(4,), (4,)]
+    assert not isinstance(nn.Linear(2, 2), StagedEncoder)
+    with pytest.raises(TypeError):
+        MTAN(nn.Linear(3, 3), {"a": nn.Linear(3, 1)})
+
+
+def test_expert_template_copies_are_reinitialised():
+    torch.manual_seed(0)
+    m = MMoE(nn.Linear(4, 4), 3, {"a": nn.Linear(4, 1)}, gate_in_features=4)
+    w = [e.weight for e in m.experts]
+    assert not torch.equal(w[0], w[1]) and w[0] is not w[1]
+    with pytest.raises(ValueError):
+        shared = nn.Linear(4, 4)
+        MMoE(lambda: shared, 2, {"a": nn.Linear(4, 1)}, gate_in_features=4)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders of every kind: MLP (2-D), CNN (4-D), transformer tokens (3-D)
+# --------------------------------------------------------------------------------------------
+
+
+def _token_stages() -> Stages:
+    layer = lambda: nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)  # noqa: E731
+    return Stages([nn.Linear(5, 8), layer(), layer()], stage_shapes=[(7, 8), (7, 8), (7, 8)])
+
+
+class _Pool(nn.Module):
+    def __init__(self, width: int, out: int):
+        super().__init__()
+        self.lin = nn.Linear(width, out)
+
+    def forward(self, x):
+        return self.lin(x.mean(1))
+
+
+ENCODERS = {
+    "mlp": (lambda: StagedMLP([6, 8, 8]), lambda b: torch.randn(b, 6), lambda o: nn.Linear(8, o)),
+    "cnn": (_lenet, _img, lambda o: nn.Linear(12, o)),
+    "tokens": (_token_stages, lambda b: torch.randn(b, 7, 5), lambda o: _Pool(8, o)),
+}
+
+STAGED = {
+    "mtan": lambda enc, heads: MTAN(enc, heads),
+    "cross_stitch": lambda enc, heads: CrossStitch(enc, heads),
+    "nddr": lambda enc, heads: NDDR(enc, heads),
+    "ltb": lambda enc, heads: LearningToBranch(enc, heads),
+    "task_groups": lambda enc, heads: TaskGroups(enc, heads, [["a"], ["b", "c"]], branch_at=2),
+}
+
+
+def test_staged_architectures_are_flagged():
+    flagged = {n for n in NAMES if info(n).needs_staged_encoder}
+    assert flagged == set(STAGED)
+
+
+@pytest.mark.parametrize("kind", list(ENCODERS))
+@pytest.mark.parametrize("arch", list(STAGED))
+def test_staged_architectures_with_any_encoder(arch, kind):
+    make_enc, make_x, make_head = ENCODERS[kind]
+    torch.manual_seed(0)
+    model = STAGED[arch](make_enc(), {t: make_head(OUT[t]) for t in TASKS})
+    out = model(make_x(3))
+    assert {t: y.shape for t, y in out.items()} == {t: (3, OUT[t]) for t in TASKS}
+    sum(y.sum() for y in out.values()).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_mixture_architectures_with_cnn_experts():
+    conv = lambda: nn.Sequential(nn.Conv2d(1, 2, 5, stride=2), nn.ReLU())  # noqa: E731  [2, 8, 8]
+    heads = {t: nn.Sequential(nn.Flatten(), nn.Linear(128, OUT[t])) for t in TASKS}
+    x = _img(3)
+    for model, n_experts in (
+        (MMoE(conv, 3, heads, gate_in_features=20 * 20), 3),
+        (DSelectK(conv, 3, heads, gate_in_features=20 * 20, k=2), 3),
+        (CGC(conv, heads, gate_in_features=20 * 20, n_shared=1, n_specific=1), 1),
+    ):
+        out = model(x)
+        assert {t: y.shape for t, y in out.items()} == {t: (3, OUT[t]) for t in TASKS}
+        assert model.encode(x).shape == (3, n_experts, 2, 8, 8)
+
+
+def test_gate_input_module():
+    emb = nn.Linear(6, 4)
+    m = MMoE(_expert, 2, _heads(8), gate_in_features=4, gate_input=emb)
+    assert {id(p) for p in emb.parameters()} <= {id(p) for p in m.shared_parameters()}
+    m(_vec(3))
+    with pytest.raises(NotImplementedError, match="gate_input"):
+        m.encode(_vec(3))  # the learned gate input is shared but outside the expert outputs
+    dict_model = MMoE(
+        lambda: _DictExpert(), 2, _heads(8), gate_in_features=6, gate_input=_Select("x")
+    )
+    out = dict_model({"x": _vec(3), "y": _vec(3)})  # a dict batch that is not per task
+    assert out["a"].shape == (3, 2)
+
+
+class _Select(nn.Module):
+    def __init__(self, key):
+        super().__init__()
+        self.key = key
+
+    def forward(self, batch):
+        return batch[self.key]
+
+
+class _DictExpert(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 8)
+
+    def forward(self, batch):
+        return self.lin(torch.cat([batch["x"], batch["y"]], -1))
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture specifics
+# --------------------------------------------------------------------------------------------
+
+
+def test_dselect_k_selects_at_most_k_experts():
+    torch.manual_seed(0)
+    m = DSelectK(_expert, 8, _heads(8), gate_in_features=6, k=2)
+    for gate in m.gates.values():  # push every smooth-step outside [-gamma/2, gamma/2]
+        nn.init.zeros_(gate.z_logits.weight)
+        with torch.no_grad():
+            gate.z_logits.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0]))
+    m(_vec(4))
+    for w in m.last_gate_weights.values():
+        assert ((w > 0).sum(-1) <= 2).all()
+        torch.testing.assert_close(w.sum(-1), torch.ones(4))
+    # selectors are one-hot: the entropy regulariser vanishes
+    assert float(m.auxiliary_loss().detach()) < 1e-5
+
+
+def test_dselect_k_not_power_of_two_and_static_gates():
+    torch.manual_seed(0)
+    m = DSelectK(_expert, 3, _heads(8), gate_in_features=6, k=2)
+    m(_vec(4))
+    for w in m.last_gate_weights.values():
+        assert (w.sum(-1) <= 1 + 1e-6).all()
+    # the reachability term 1/sum(selector) >= 1 per selector is part of the loss
+    assert float(m.auxiliary_loss().detach()) >= 2 * len(TASKS) - 1e-4
+    static = DSelectK(_expert, 4, _heads(8), gate_in_features=None, k=1, conditioned=False)
+    out = static(_vec(5))
+    assert out["c"].shape == (5, 3)
+    w = static.last_gate_weights["a"]
+    assert w.shape == (5, 4) and torch.equal(w[0], w[1])
+    with pytest.raises(ValueError):
+        DSelectK(_expert, 4, _heads(8), gate_in_features=6, k=5)
+
+
+def test_dselect_k_smooth_step():
+    from polytask.architectures._mmoe import smooth_step
+
+    t = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0, 0.25])
+    s = smooth_step(t)
+    assert s[:5].tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+    assert math.isclose(float(s[5]), -2 * 0.25**3 + 1.5 * 0.25 + 0.5, rel_tol=1e-6)
+
+
+def test_ple_parameter_roles():
+    _, m = _build("ple")
+    shared = {id(p) for p in m.shared_parameters()}
+    ids = lambda mod: {id(p) for p in mod.parameters()}  # noqa: E731
+    assert ids(m.task_experts[0]) <= shared and ids(m.task_experts[1]) <= shared
+    assert ids(m.task_gates[0]) <= shared and ids(m.shared_gates) <= shared
+    own = {id(p) for p in m.task_parameters("a")}
+    assert ids(m.task_experts[2]["a"]) <= own
+    assert ids(m.task_gates[1]["a"]) <= own and ids(m.task_gates[2]["a"]) <= own
+    m(_vec(2))
+    assert set(m.last_gate_weights) >= {"0/shared", "1/shared", "2/a", "0/b"}
+    with pytest.raises(NotImplementedError, match="n_levels"):
+        m.encode(_vec(2))
+
+
+def test_cgc_representation():
+    _, m = _build("cgc")
+    assert m.encode(_vec(3)).shape == (3, 2, 8)  # the two shared experts
+    none_shared = CGC(_expert, _heads(8), gate_in_features=6, n_shared=0, n_specific=1)
+    assert none_shared(_vec(3))["a"].shape == (3, 2)
+    with pytest.raises(NotImplementedError, match="n_shared=0"):
+        none_shared.encode(_vec(3))
+
+
+def test_ple_validation():
+    with pytest.raises(ValueError):
+        PLE(_expert, _heads(8), gate_in_features=6, n_levels=2)  # missing expert_out_features
+    with pytest.raises(ValueError):
+        CGC(_expert, _heads(8), gate_in_features=6, n_shared=0, n_specific={"a": 1, "b": 0, "c": 1})
+
+
+def test_mtan_user_transitions_and_tokens():
+    torch.manual_seed(0)
+    enc = StagedMLP([6, 8, 4])
+    m = MTAN(enc, _heads(4), transitions=[nn.Linear(8, 4)])
+    out = m(_vec(3))
+    assert out["a"].shape == (3, 2)
+    assert {id(p) for p in m.transitions.parameters()} <= {id(p) for p in m.shared_parameters()}
+    tok = MTAN(_token_stages(), {t: _Pool(8, OUT[t]) for t in TASKS})
+    assert tok(torch.randn(2, 7, 5))["c"].shape == (2, 3)
+    inferred = MTAN(Stages([nn.Linear(6, 8), nn.ReLU()]), _heads(8), example_input=_vec(2))
+    assert inferred.stage_shapes == [(8,), (8,)]
+    with pytest.raises(ValueError):
+        MTAN(Stages([nn.Linear(6, 8)]), _heads(8))  # shapes unknown
+
+
+def test_cross_stitch_initial_mixing_and_roles():
+    _, m = _build("cross_stitch")
+    unit = m.mixers["0"]["b"].alpha
+    torch.testing.assert_close(unit, torch.tensor([0.05, 0.9, 0.05]))
+    shared = {id(p) for p in m.shared_parameters()}
+    # two units (after stages 0 and 1); the last unit's rows and the last stage copies are owned
+    assert {id(p) for p in m.mixers["1"]["a"].parameters()} <= {
+        id(p) for p in m.task_parameters("a")
+    }
+    assert {id(p) for p in m.columns["a"][2].parameters()} <= {
+        id(p) for p in m.task_parameters("a")
+    }
+    assert {id(p) for p in m.columns["a"][1].parameters()} <= shared
+    assert len(list(m.alpha_parameters())) == 2 * 3
+
+
+def test_cross_stitch_identity_mixing_is_independent_networks():
+    torch.manual_seed(0)
+    enc = StagedMLP([6, 8, 8])
+    m = CrossStitch(enc, _heads(8), self_weight=1.0)
+    x = _vec(3)
+    out = m(x)
+    torch.testing.assert_close(out["a"], m.heads["a"](m.columns["a"][1](m.columns["a"][0](x))))
+
+
+def test_nddr_initialisation():
+    torch.manual_seed(0)
+    m = NDDR(StagedMLP([6, 4, 4]), {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}, batch_norm=False)
+    w = m.mixers["0"]["b"].proj.weight
+    torch.testing.assert_close(w[:, :4], 0.1 * torch.eye(4))
+    torch.testing.assert_close(w[:, 4:], 0.9 * torch.eye(4))
+    factory = NDDR(lambda: StagedMLP([6, 4, 4]), {"a": nn.Linear(4, 1)}, batch_norm=True)
+    assert factory(_vec(3))["a"].shape == (3, 1)
+
+
+def test_ltb_finalize():
+    cfg, m = _build("ltb")
+    m.eval()
+    x = _vec(4)
+    with torch.no_grad():
+        before = m(x)
+        m.finalize()
+        _close(before, m(x))  # eval uses the argmax tree already
+    all_ids = {id(p) for p in m.parameters()}
+    shared = _params_by_id(m.shared_parameters())
+    unused = _params_by_id(m.unused_parameters())
+    seen = set(shared) | set(unused)
+    for t in cfg.tasks:
+        own = _params_by_id(m.task_parameters(t))
+        assert not (set(own) & seen)
+        seen |= set(own)
+    assert seen == all_ids
+    assert all(not p.requires_grad for p in unused.values())
+    # the stage-0 root (width 1) is on every path
+    assert {id(p) for p in m.nodes[0][0].parameters()} <= set(shared)
+    m.train()
+    out = m(x)
+    _objective(m, out, cfg.tasks).backward()
+    assert all(p.grad is not None for p in list(shared.values()))
+    # a finalized state loads into a fresh model and finalizes it
+    _, fresh = _build("ltb", seed=3)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh._final and fresh.parents == m.parents
+    m.eval()
+    fresh.eval()
+    with torch.no_grad():
+        _close(m(x), fresh(x))
+
+
+def test_ltb_sampling_in_training():
+    _, m = _build("ltb")
+    m.train()
+    m.temperature = 0.5
+    m(_vec(3))
+    for w in m.last_gate_weights.values():
+        assert sorted(w.tolist())[-1] == 1.0  # hard samples are one-hot
+    soft = LearningToBranch(StagedMLP([6, 8, 8]), _heads(8), hard=False)
+    soft(_vec(3))
+    assert any((w < 1).all() for w in soft.last_gate_weights.values())
+
+
+def test_esmm():
+    _, m = _build("esmm")
+    out = m(_vec(8))
+    assert (out["buy"] <= out["click"]).all() and ((out["click"] > 0) & (out["click"] < 1)).all()
+    torch.testing.assert_close(out["buy"], out["click"] * m.last_pcvr)
+    assert list(m.task_parameters("click")) == []
+    assert {id(p) for p in m.ctr_tower.parameters()} <= {id(p) for p in m.shared_parameters()}
+    with pytest.raises(ValueError):
+        ESMM(nn.Identity(), nn.Linear(2, 1), nn.Linear(2, 1), ("x", "x"))
+
+
+def test_task_groups():
+    _, m = _build("task_groups")
+    own_c = {id(p) for p in m.task_parameters("c")}
+    assert {id(p) for p in m.branches[1].parameters()} <= own_c
+    assert {id(p) for p in m.branches[0].parameters()} <= {id(p) for p in m.shared_parameters()}
+    with pytest.raises(ValueError):
+        TaskGroups(StagedMLP([6, 8]), _heads(8), [["a", "b"]], branch_at=0)  # c missing
+    with pytest.raises(ValueError):
+        TaskGroups(StagedMLP([6, 8]), _heads(8), [["a", "b", "c"], ["a"]], branch_at=0)
+    hard = TaskGroups(StagedMLP([6, 8]), _heads(8), [list(TASKS)], branch_at=1)
+    assert len(list(hard.branches[0].parameters())) == 0
+    assert hard.encode(_vec(2)).shape == (2, 8)  # the trunk output
+    apart = TaskGroups(StagedMLP([6, 8]), _heads(8), [["a"], ["b"], ["c"]], branch_at=0)
+    assert apart(_vec(2))["c"].shape == (2, 3)
+    with pytest.raises(NotImplementedError):
+        apart.encode(_vec(2))
+    # no trunk: the raw input stays outside the representation (the shared a+b branch only)
+    split = TaskGroups(StagedMLP([6, 8]), _heads(8), [["a", "b"], ["c"]], branch_at=0)
+    assert split.encode(_vec(2)).shape == (2, 8)
+    x = _vec(2)
+    _close(split.decode(split.encode(x)), split(x))
+
+
+def _router(**kw) -> RoutedMoE:
+    torch.manual_seed(0)
+    args = dict(
+        expert_factory=lambda: MLP([8, 16, 8]),
+        n_experts=4,
+        heads=_heads(8),
+        d_model=8,
+        k=2,
+        n_shared=1,
+        modalities={"img": nn.Linear(6, 8), "txt": MLP([5, 8])},
+    )
+    args.update(kw)
+    return RoutedMoE(**args)
+
+
+def test_moe_router_sparse_equals_dense():
+    sparse, dense = _router(dispatch="sparse"), _router(dispatch="dense")
+    dense.load_state_dict(sparse.state_dict())
+    x = _modal(6)
+    _close(sparse(x), dense(x))
+    torch.testing.assert_close(sparse.auxiliary_loss(), dense.auxiliary_loss())
+    tok = {
+        "img": torch.randn(3, 4, 6),
+        "txt": torch.randn(3, 5),
+        "modality_mask": _modal(3)["modality_mask"],
+    }
+    _close(sparse(tok), dense(tok))
+
+
+def test_moe_router_missing_modality_is_masked():
+    m = _router(dispatch="sparse")
+    m.eval()
+    x = _modal(6)
+    x["modality_mask"][0] = torch.tensor([True, False])
+    y = {**x, "txt": x["txt"].clone()}
+    y["txt"][0] = 1e3  # garbage in a missing modality changes nothing
+    _close(m(x), m(y))
+    # a modality left out of the dict is missing for every sample
+    only_img = m({"img": x["img"]})
+    full_mask = m(
+        {"img": x["img"], "txt": x["txt"], "modality_mask": torch.tensor([[True, False]] * 6)}
+    )
+    _close(only_img, full_mask)
+    # the router conditions on the presence pattern
+    assert m.presence_router is not None
+    assert {id(p) for p in m.presence_router.parameters()} <= {id(p) for p in m.shared_parameters()}
+
+
+def test_moe_router_tokens_and_masked_units():
+    m = _router(pool="mean")
+    mask = torch.tensor([[True, False], [True, True]])
+    x = {"img": torch.randn(2, 3, 6), "txt": torch.randn(2, 4, 5), "modality_mask": mask}
+    out = m(x)
+    assert out["a"].shape == (2, 2)
+    w = m.last_gate_weights["router"]
+    assert w.shape == (2 * 7, 4)
+    valid = torch.tensor([1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1], dtype=torch.bool)
+    torch.testing.assert_close(w.sum(-1), valid.float())
+    assert ((w > 0).sum(-1) <= 2).all()
+    tokens = _router(pool="none", heads={"a": _Pool(8, 2)})
+    assert tokens(x)["a"].shape == (2, 2)
+    assert tokens.encode(x).shape == (2, 7, 8)
+
+
+def test_moe_router_plain_tensor_inputs_and_balance_loss():
+    torch.manual_seed(0)
+    m = RoutedMoE(
+        lambda: MLP([8, 8]),
+        4,
+        _heads(8),
+        d_model=8,
+        k=1,
+        encoder=nn.Linear(6, 8),
+        normalize_topk=False,
+        residual=True,
+        balance_coef=1.0,
+    )
+    x = _vec(16)
+    out = m(x)
+    assert out["b"].shape == (16, 1)
+    w = m.last_gate_weights["router"]
+    assert ((w > 0).sum(-1) == 1).all() and (w.sum(-1) < 1).all()
+    # Switch loss: coef * E * sum_e f_e P_e (f: share of the units routed to e, P: mean prob)
+    probs = torch.softmax(m.router(m.encoder(x)), -1)
+    expected = 4 * ((w > 0).float().mean(0) * probs.mean(0)).sum()
+    aux = m.auxiliary_loss()
+    torch.testing.assert_close(aux, expected)
+    assert aux.requires_grad
+    (g,) = torch.autograd.grad(aux, m.router.weight)
+    assert g.abs().sum() > 0
+    tok = m(torch.randn(2, 5, 6))
+    assert tok["c"].shape == (2, 3)
+    with pytest.raises(ValueError):
+        RoutedMoE(lambda: MLP([8, 8]), 4, _heads(8), d_model=8, modalities=["a"])  # name clash
+
+
+def test_moe_router_multi_input_with_modalities():
+    m = _router()
+    batch = {"a": _modal(3), "b": _modal(4), "c": {"img": torch.randn(2, 6)}}
+    out = m(batch)
+    assert [y.shape[0] for y in out.values()] == [3, 4, 2]
+    assert m.auxiliary_loss().dim() == 0
