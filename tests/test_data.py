@@ -74,7 +74,9 @@ def check_sample(data: MultiTaskData, split: str = "train") -> dict[str, torch.T
 def test_fetch_bad_checksum_lists_sources(tmp_path: Path) -> None:
     payload = tmp_path / "payload.bin"
     payload.write_bytes(b"real bytes")
-    res = Resource("toy", "toy.bin", "0" * 64, sources=(LocalFile(str(payload)), Url(payload.as_uri())))
+    res = Resource(
+        "toy", "toy.bin", "0" * 64, sources=(LocalFile(str(payload)), Url(payload.as_uri()))
+    )
     cache = tmp_path / "cache"
     with pytest.raises(DataUnavailableError) as info:
         fetch(res, root=cache)
@@ -103,7 +105,7 @@ def test_fetch_all_sources_fail_names_each(tmp_path: Path) -> None:
         assert src.describe() in msg
     assert "package is not installed" in msg
     assert "no such file" in msg
-    assert [why for _, why in info.value.attempts][0] == "not present"
+    assert info.value.attempts[0][1] == "not present"
     assert len(info.value.attempts) == 1 + len(sources)
 
 
@@ -112,7 +114,12 @@ def test_fetch_caches_and_verifies(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(data)
     cache = tmp_path / "cache"
-    res = Resource("toy", "sub/toy.bin", _sha(data), sources=(LocalFile(str(tmp_path / "nope")), Url(src.as_uri())))
+    res = Resource(
+        "toy",
+        "sub/toy.bin",
+        _sha(data),
+        sources=(LocalFile(str(tmp_path / "nope")), Url(src.as_uri())),
+    )
     path = fetch(res, root=cache)
     assert path == cache / "sub" / "toy.bin" and path.read_bytes() == data
     # Served from the cache now, even without sources.
@@ -131,13 +138,42 @@ def test_fetch_gunzip_checksums_payload(tmp_path: Path) -> None:
     assert fetch(res, root=tmp_path / "cache").read_bytes() == data
 
 
-def test_installed_package_source_does_not_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fetch_zip_member_from_url(tmp_path: Path) -> None:
+    import zipfile
+
+    data = b"member bytes"
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pkg/data/f.bin", data)
+        zf.writestr("pkg/__init__.py", "")
+    res = Resource(
+        "zipped",
+        "f.bin",
+        _sha(data),
+        sources=(Url(archive.as_uri(), member="pkg/data/missing.bin"),),
+    )
+    with pytest.raises(DataUnavailableError, match=r"no member 'pkg/data/missing\.bin'"):
+        fetch(res, root=tmp_path / "cache")
+    res = Resource(
+        "zipped", "f.bin", _sha(data), sources=(Url(archive.as_uri(), member="pkg/data/f.bin"),)
+    )
+    assert fetch(res, root=tmp_path / "cache").read_bytes() == data
+
+
+def test_installed_package_source_does_not_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pkg = tmp_path / "site" / "polytask_fake_datapkg"
     (pkg / "data").mkdir(parents=True)
     (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
     (pkg / "data" / "f.txt").write_bytes(b"abc")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    res = Resource("fake", "f.txt", _sha(b"abc"), sources=(InstalledPackage("polytask_fake_datapkg", "data/f.txt"),))
+    res = Resource(
+        "fake",
+        "f.txt",
+        _sha(b"abc"),
+        sources=(InstalledPackage("polytask_fake_datapkg", "data/f.txt"),),
+    )
     assert fetch(res, root=tmp_path / "cache").read_bytes() == b"abc"
     assert "polytask_fake_datapkg" not in sys.modules
 
@@ -154,7 +190,15 @@ def test_environment_variable_sets_cache(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_registry() -> None:
     names = available()
-    assert {"multi_mnist", "multi_fashion", "multi_fashion_mnist", "census", "rf1", "qm9", "reviews"} <= set(names)
+    assert {
+        "multi_mnist",
+        "multi_fashion",
+        "multi_fashion_mnist",
+        "census",
+        "rf1",
+        "qm9",
+        "reviews",
+    } <= set(names)
     for name in names:
         text = describe(name)
         assert text and "\n" not in text
@@ -203,7 +247,11 @@ def test_multi_mnist() -> None:
 
     # Pools are disjoint and each split only uses images from its own pool.
     pools = {k: set(v.tolist()) for k, v in data.extras["pools"].items()}
-    assert not pools["train"] & pools["test"] and not pools["train"] & pools["val"] and not pools["val"] & pools["test"]
+    assert (
+        not pools["train"] & pools["test"]
+        and not pools["train"] & pools["val"]
+        and not pools["val"] & pools["test"]
+    )
     used = {
         name: set(split.meta["left_index"].tolist()) | set(split.meta["right_index"].tolist())
         for name, split in (("train", data.train), ("val", data.val), ("test", data.test))
@@ -240,7 +288,9 @@ def test_multi_fashion_and_mixed() -> None:
     data = build_or_skip(multi_fashion, n_train=200, n_val=20, n_test=30, seed=1)
     check_sample(data)
     assert data.train.tensors["x"].shape == (200, 1, 36, 36)
-    assert data.test.meta["left_index"].min() >= 60_000  # test pairs come from the official test set
+    assert (
+        data.test.meta["left_index"].min() >= 60_000
+    )  # test pairs come from the official test set
     assert data.train.meta["right_index"].max() < 60_000
     mixed = build_or_skip(multi_fashion_mnist, n_train=100, n_val=10, n_test=10, seed=1)
     check_sample(mixed)
@@ -259,7 +309,9 @@ def test_census() -> None:
     check_sample(data)
     d = data.input_shape[0]
     names = data.extras["feature_names"]
-    assert len(names) == d and not any(n.startswith(("relationship", "marital", "income")) for n in names)
+    assert len(names) == d and not any(
+        n.startswith(("relationship", "marital", "income")) for n in names
+    )
     for split in (data.train, data.val, data.test):
         x = split.tensors["x"]
         assert x.shape[1] == d and torch.isfinite(x).all()
@@ -283,14 +335,18 @@ def test_rf1() -> None:
             assert torch.isfinite(v).all()
     y = data.train.tensors[data.tasks[0].name]
     assert abs(float(y.mean())) < 1e-4
-    mean, std = data.target_stats[data.tasks[0].name]
-    assert torch.allclose(data.unstandardize(data.tasks[0].name, y).mean(), torch.tensor(mean, dtype=torch.float32))
+    mean, _ = data.target_stats[data.tasks[0].name]
+    assert torch.allclose(
+        data.unstandardize(data.tasks[0].name, y).mean(), torch.tensor(mean, dtype=torch.float32)
+    )
 
 
 def test_reviews_hashing_backend() -> None:
     from polytask.data import reviews
 
-    data = build_or_skip(reviews, n_train=400, n_val=50, n_test=50, max_features=256, backend="hashing")
+    data = build_or_skip(
+        reviews, n_train=400, n_val=50, n_test=50, max_features=256, backend="hashing"
+    )
     sample = check_sample(data)
     assert data.input_shape == (256,)
     assert torch.isclose(sample["x"].norm(), torch.tensor(1.0)) or sample["x"].norm() == 0
@@ -301,7 +357,7 @@ def test_reviews_hashing_backend() -> None:
 
 def test_hashed_tfidf() -> None:
     vec = HashedTfidf(64).fit(["red dress fits", "blue dress", "red red shirt"])
-    indptr, indices, values = vec.transform(["red dress", "", "unseen words here"])
+    indptr, _, values = vec.transform(["red dress", "", "unseen words here"])
     assert list(np.diff(indptr)) == [2, 0, 3]
     row0 = values[: indptr[1]]
     assert np.isclose(np.linalg.norm(row0), 1.0)
@@ -316,7 +372,19 @@ def test_qm9_graph_and_features() -> None:
     graph = build_or_skip(qm9, n_molecules=200, seed=0)
     assert (len(graph.train), len(graph.val), len(graph.test)) == (160, 20, 20)
     assert graph.input_shape is None and graph.collate_fn is collate_graphs
-    assert graph.task_names == ["mu", "alpha", "homo", "lumo", "r2", "zpve", "U0", "U", "H", "G", "cv"]
+    assert graph.task_names == [
+        "mu",
+        "alpha",
+        "homo",
+        "lumo",
+        "r2",
+        "zpve",
+        "U0",
+        "U",
+        "H",
+        "G",
+        "cv",
+    ]
     sample = check_sample(graph)
     n = len(sample["z"])
     assert 3 <= n <= 29 and sample["pos"].shape == (n, 3) and sample["z"].dtype == torch.int64
@@ -326,7 +394,9 @@ def test_qm9_graph_and_features() -> None:
     sizes = [len(graph.train[i]["z"]) for i in range(5)]
     assert batch["z"].shape == (sum(sizes),) and batch["pos"].shape == (sum(sizes), 3)
     assert torch.equal(torch.bincount(batch["batch"]), torch.tensor(sizes))
-    assert batch["ptr"].tolist() == [0, *np.cumsum(sizes).tolist()] and int(batch["num_graphs"]) == 5
+    assert (
+        batch["ptr"].tolist() == [0, *np.cumsum(sizes).tolist()] and int(batch["num_graphs"]) == 5
+    )
     assert batch["U0"].shape == (5,)
 
     mu = torch.stack([graph.train[i]["mu"] for i in range(len(graph.train))])
@@ -340,6 +410,10 @@ def test_qm9_graph_and_features() -> None:
         assert torch.isfinite(split.tensors["x"]).all()
     # Same molecules and targets in both forms.
     assert torch.equal(feats.extras["molecule_rows"]["test"], graph.extras["molecule_rows"]["test"])
-    assert torch.equal(feats.test.tensors["G"], torch.stack([graph.test[i]["G"] for i in range(20)]))
+    assert torch.equal(
+        feats.test.tensors["G"], torch.stack([graph.test[i]["G"] for i in range(20)])
+    )
     again = qm9(n_molecules=200, seed=0)
-    assert torch.equal(again.extras["molecule_rows"]["train"], graph.extras["molecule_rows"]["train"])
+    assert torch.equal(
+        again.extras["molecule_rows"]["train"], graph.extras["molecule_rows"]["train"]
+    )

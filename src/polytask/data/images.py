@@ -67,7 +67,8 @@ FASHION_SOURCE = (
     "(Zalando SE); offline copy from Debian package dataset-fashion-mnist"
 )
 PAIRING_REF = (
-    "two-object construction of Sabour et al. 2017 / Sener & Koltun 2018 / Lin et al. 2019 (Pareto MTL)"
+    "two-object construction of Sabour et al. 2017 / Sener & Koltun 2018 / "
+    "Lin et al. 2019 (Pareto MTL)"
 )
 
 
@@ -108,7 +109,7 @@ def load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=2)
 def load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``"train"`` (60k) or ``"test"`` (10k): ``uint8`` images and ``int64`` labels."""
+    """Fashion-MNIST ``"train"`` (60k) or ``"test"`` (10k): uint8 images, int64 labels."""
     if split == "train":
         img_res, lab_res = FASHION_TRAIN_IMAGES, FASHION_TRAIN_LABELS
     elif split == "test":
@@ -150,10 +151,18 @@ class _ImageSource:
     pools: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _mnist_source(rng: np.random.Generator, pool_fractions: tuple[float, float, float]) -> _ImageSource:
+def _mnist_source(
+    rng: np.random.Generator, pool_fractions: tuple[float, float, float]
+) -> _ImageSource:
     images, labels = load_mnist_5k()
-    if len(pool_fractions) != 3 or abs(sum(pool_fractions) - 1.0) > 1e-6 or min(pool_fractions) <= 0:
-        raise ValueError(f"pool_fractions must be 3 positive numbers summing to 1, got {pool_fractions}")
+    if (
+        len(pool_fractions) != 3
+        or abs(sum(pool_fractions) - 1.0) > 1e-6
+        or min(pool_fractions) <= 0
+    ):
+        raise ValueError(
+            f"pool_fractions must be 3 positive numbers summing to 1, got {pool_fractions}"
+        )
     perm = rng.permutation(len(images))
     n_tr, n_va, _ = split_sizes(len(images), pool_fractions)
     pools = (np.sort(perm[:n_tr]), np.sort(perm[n_tr : n_tr + n_va]), np.sort(perm[n_tr + n_va :]))
@@ -174,7 +183,11 @@ def _fashion_source(rng: np.random.Generator, val_pool_size: int) -> _ImageSourc
 
 
 def _draw_pairs(
-    rng: np.random.Generator, left_pool: np.ndarray, right_pool: np.ndarray, n: int, same_source: bool
+    rng: np.random.Generator,
+    left_pool: np.ndarray,
+    right_pool: np.ndarray,
+    n: int,
+    same_source: bool,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Uniformly drawn (left, right) source indices; distinct images if from one source."""
     left = rng.choice(left_pool, size=n, replace=True)
@@ -197,7 +210,7 @@ def _build(
     same_source: bool,
 ) -> tuple[DictDataset, DictDataset, DictDataset]:
     out = []
-    for split, (n, rng) in enumerate(zip(sizes, rngs)):
+    for split, (n, rng) in enumerate(zip(sizes, rngs, strict=True)):
         li, ri = _draw_pairs(rng, left.pools[split], right.pools[split], n, same_source)
         x = overlay_pairs(left.images[li], right.images[ri])
         out.append(
@@ -269,7 +282,9 @@ def multi_fashion(
     seed: int = 0,
     val_pool_size: int = 10_000,
 ) -> MultiTaskData:
-    """MultiFashion: two Fashion-MNIST items on a 36x36 canvas; tasks ``left``/``right`` (10 classes).
+    """MultiFashion: two Fashion-MNIST items on a 36x36 canvas; tasks ``left``/``right``.
+
+    Both tasks have the 10 Fashion-MNIST classes.
 
     Pools: the official 60k training images minus ``val_pool_size`` random
     ones (train pool), those ``val_pool_size`` images (val pool), and the
@@ -309,7 +324,9 @@ def multi_fashion_mnist(
     rngs = _rngs(seed)
     left = _mnist_source(rngs[0], pool_fractions)
     right = _fashion_source(rngs[1], val_pool_size)
-    train, val, test = _build(left, right, _sizes(n_train, n_val, n_test), rngs[2:], same_source=False)
+    train, val, test = _build(
+        left, right, _sizes(n_train, n_val, n_test), rngs[2:], same_source=False
+    )
     return MultiTaskData(
         train=train,
         val=val,

