@@ -1,0 +1,548 @@
+"""The ``toy`` suite: the two-objective problem of CAGrad, Nash-MTL and FAMO on ``x in R^2``.
+
+Problem (Liu et al., "Conflict-Averse Gradient Descent for Multi-task Learning", NeurIPS 2021,
+reference code ``Cranial-XIX/CAGrad`` ``toy.py``; reused unchanged by Navon et al., Nash-MTL,
+ICML 2022, ``AvivNavon/nash-mtl`` ``experiments/toy``, and Liu et al., FAMO, NeurIPS 2023,
+``Cranial-XIX/FAMO`` ``experiments/toy``). With ``t = tanh``::
+
+    g1 = log(max(|0.5(-x1 - 7) - t(-x2)|, 5e-6)) + 6
+    g2 = log(max(|0.5(-x1 + 3) + t(-x2) + 2|, 5e-6)) + 6
+    s1 = ((x1 - 7)^2 + 0.1 (x2 + 8)^2) / 10 - 20
+    s2 = ((x1 + 7)^2 + 0.1 (x2 + 8)^2) / 10 - 20
+    c1 = max(t(x2 / 2), 0),  c2 = max(t(-x2 / 2), 0)
+    L1 = scale_1 (g1 c1 + s1 c2),  L2 = scale_2 (g2 c1 + s2 c2)
+
+For ``x2 > 0`` the objectives are narrow logarithmic valleys (where plain averaging gets stuck);
+for ``x2 < 0`` two quadratics centred at ``x1 = +7`` and ``x1 = -7`` whose Pareto set is a curve
+from ``(-7, ~-8.36)`` to ``(7, ~-8.36)`` (the reference plots it as the line ``x2 = -8.3552``).
+
+Protocol followed (``variant="nashmtl"``, the default): Nash-MTL's and FAMO's version, with the
+first objective scaled by 0.1 to make the tasks imbalanced, the five starting points
+``(-8.5, 7.5), (0, 0), (9, 9), (-7.5, -0.5), (9, -1)``, Adam (lr 1e-3, default betas) on ``x`` and
+35,000 steps (Nash-MTL's count; FAMO runs 50,000). ``variant="cagrad"`` is CAGrad's original:
+unscaled objectives, starts ``(-8.5, 7.5), (-8.5, -5), (9, 9)``, 100,000 steps.
+
+Every registered balancer runs here: gradient methods get the exact ``2 x 2`` Jacobian
+(``combine(J, losses)``); loss-only methods get the gradient of their objective w.r.t. the losses
+(exactly what :func:`polytask.mtl_backward` does: ``direction = dObjective/dlosses @ J``), and their
+learnable parameters are trained by Adam with lr 0.025 (the reference's ``method_params_lr``).
+``loss_after_step`` methods (FAMO) get :meth:`~polytask.balancers.Balancer.after_step` with the
+losses at the new point after every step. The problem is deterministic and full-batch, so one step
+is one epoch (``epoch_end`` methods are told so after every step). The balancers see the losses
+shifted by their known lower bound (``L_i + 21 scale_i`` > 0): FAMO's toy does exactly this
+(``set_min_losses([-21 scale, -21])``), and it keeps log-based loss weightings defined; it changes
+neither the Jacobian nor any gradient-only method.
+
+A run "reaches the Pareto front" from a start when its final point lies within ``pareto_tol`` (in
+``x`` space) of the numerically traced Pareto set (:func:`pareto_set`: the points where the two
+gradients are anti-parallel, ``det J = 0`` with ``x2 < 0``, for ``x1`` in ``[-7, 7]``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..balancers import available, create, info
+from ._suite import Protocol, RunResult, Suite, register_suite
+
+__all__ = [
+    "LOWER",
+    "VARIANTS",
+    "ToySuite",
+    "distance_to_pareto",
+    "pareto_set",
+    "balancer_direction",
+    "run_toy",
+    "toy_losses",
+    "toy_losses_and_jacobian",
+    "toy_losses_torch",
+]
+
+#: floor of the log terms (the reference's ``LOWER``)
+LOWER = 0.000005
+
+#: the published protocols (starting points, loss scales, steps, Adam lr)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "nashmtl": {
+        "scale": (0.1, 1.0),
+        "starts": ((-8.5, 7.5), (0.0, 0.0), (9.0, 9.0), (-7.5, -0.5), (9.0, -1.0)),
+        "steps": 35000,
+        "lr": 1e-3,
+    },
+    "cagrad": {
+        "scale": (1.0, 1.0),
+        "starts": ((-8.5, 7.5), (-8.5, -5.0), (9.0, 9.0)),
+        "steps": 100000,
+        "lr": 1e-3,
+    },
+}
+
+#: methods of the papers' figures (LS, MGDA, PCGrad, CAGrad, Nash-MTL, FAMO) plus IMTL-G and UW
+_PAPER_METHODS = ("mean", "mgda", "pcgrad", "cagrad", "nash_mtl", "famo", "imtl_g", "uw")
+
+
+# ------------------------------------------------------------------------------------------------
+# the problem
+# ------------------------------------------------------------------------------------------------
+def toy_losses_and_jacobian(
+    x: np.ndarray | Sequence[float], scale: Sequence[float] = (1.0, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Losses ``[..., 2]`` and Jacobian ``[..., 2, 2]`` (``J[..., i, j] = dL_i/dx_j``) at ``x``.
+
+    Closed form in float64, vectorised over leading dimensions of ``x`` (``[..., 2]``). The
+    gradients follow PyTorch's conventions at the kinks (``clamp`` passes the gradient where the
+    input equals the bound; ``abs`` has zero gradient at 0), so they equal autograd's on
+    :func:`toy_losses_torch` everywhere, including the start point ``(0, 0)``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    x1, x2 = x[..., 0], x[..., 1]
+    s_1, s_2 = float(scale[0]), float(scale[1])
+    th2 = np.tanh(x2)
+    dth2 = 1.0 - th2 * th2
+    a = -0.5 * x1 - 3.5 + th2  # 0.5 (-x1 - 7) - tanh(-x2)
+    b = -0.5 * x1 + 3.5 - th2  # 0.5 (-x1 + 3) + tanh(-x2) + 2
+    aa, ab = np.abs(a), np.abs(b)
+    g1 = np.log(np.maximum(aa, LOWER)) + 6.0
+    g2 = np.log(np.maximum(ab, LOWER)) + 6.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ia = np.where(aa >= LOWER, 1.0 / np.where(a == 0, 1.0, a), 0.0)  # d log|a| / da
+        ib = np.where(ab >= LOWER, 1.0 / np.where(b == 0, 1.0, b), 0.0)
+    th = np.tanh(0.5 * x2)
+    dth = 0.5 * (1.0 - th * th)
+    c1 = np.maximum(th, 0.0)
+    c2 = np.maximum(-th, 0.0)
+    dc1 = np.where(th >= 0.0, dth, 0.0)
+    dc2 = np.where(-th >= 0.0, -dth, 0.0)
+    q = 0.1 * (x2 + 8.0) ** 2
+    s1 = ((x1 - 7.0) ** 2 + q) / 10.0 - 20.0
+    s2 = ((x1 + 7.0) ** 2 + q) / 10.0 - 20.0
+    dq = 0.02 * (x2 + 8.0)
+
+    f1 = s_1 * (g1 * c1 + s1 * c2)
+    f2 = s_2 * (g2 * c1 + s2 * c2)
+    j11 = s_1 * (-0.5 * ia * c1 + (x1 - 7.0) / 5.0 * c2)
+    j12 = s_1 * (dth2 * ia * c1 + g1 * dc1 + dq * c2 + s1 * dc2)
+    j21 = s_2 * (-0.5 * ib * c1 + (x1 + 7.0) / 5.0 * c2)
+    j22 = s_2 * (-dth2 * ib * c1 + g2 * dc1 + dq * c2 + s2 * dc2)
+    losses = np.stack([f1, f2], axis=-1)
+    jac = np.stack([np.stack([j11, j12], axis=-1), np.stack([j21, j22], axis=-1)], axis=-2)
+    return losses, jac
+
+
+def toy_losses(x: np.ndarray | Sequence[float], scale: Sequence[float] = (1.0, 1.0)) -> np.ndarray:
+    """Losses ``[..., 2]`` at ``x`` (``[..., 2]``), float64."""
+    return toy_losses_and_jacobian(x, scale)[0]
+
+
+def toy_losses_torch(x: torch.Tensor, scale: Sequence[float] = (1.0, 1.0)) -> torch.Tensor:
+    """The same losses as a differentiable torch expression (``[..., 2] -> [..., 2]``)."""
+    x1, x2 = x[..., 0], x[..., 1]
+    g1 = torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), LOWER).log() + 6
+    g2 = torch.clamp((0.5 * (-x1 + 3) + torch.tanh(-x2) + 2).abs(), LOWER).log() + 6
+    c1 = torch.clamp(torch.tanh(x2 * 0.5), 0)
+    s1 = ((-x1 + 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
+    s2 = ((-x1 - 7).pow(2) + 0.1 * (-x2 - 8).pow(2)) / 10 - 20
+    c2 = torch.clamp(torch.tanh(-x2 * 0.5), 0)
+    return torch.stack([scale[0] * (g1 * c1 + s1 * c2), scale[1] * (g2 * c1 + s2 * c2)], dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# the Pareto set
+# ------------------------------------------------------------------------------------------------
+_FRONT_CACHE: dict[int, np.ndarray] = {}
+
+
+def pareto_set(n: int = 2001) -> np.ndarray:
+    """``n`` points ``[n, 2]`` of the Pareto set, ordered by ``x1`` from -7 to 7.
+
+    For each ``x1`` the Pareto-stationary ``x2`` (the two gradients anti-parallel: ``det J = 0``;
+    the loss scales only multiply ``det J``) is found by bisection in ``x2 in [-11, -6]``, where the
+    objectives are the two quadratics. For ``x1`` outside ``[-7, 7]`` both gradients point the same
+    way in ``x1``, and every point of the ``x2 > 0`` region is worse than every point of this set in
+    both objectives (there each loss is at least ``-6.2``, while on this set ``L1 + L2 <= -20.4``
+    for unit scales), so this curve is the whole Pareto set. Cached per ``n``.
+    """
+    if n in _FRONT_CACHE:
+        return _FRONT_CACHE[n].copy()
+    x1 = np.linspace(-7.0, 7.0, n)
+    lo = np.full(n, -11.0)
+    hi = np.full(n, -6.0)
+
+    def det(x2: np.ndarray) -> np.ndarray:
+        _, jac = toy_losses_and_jacobian(np.stack([x1, x2], axis=-1))
+        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+
+    d_lo, d_hi = det(lo), det(hi)
+    if np.any(np.sign(d_lo) == np.sign(d_hi)):
+        raise RuntimeError("pareto_set: the bisection bracket does not contain a root")
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        d_mid = det(mid)
+        left = np.sign(d_mid) == np.sign(d_lo)
+        lo = np.where(left, mid, lo)
+        d_lo = np.where(left, d_mid, d_lo)
+        hi = np.where(left, hi, mid)
+    front = np.stack([x1, 0.5 * (lo + hi)], axis=-1)
+    _FRONT_CACHE[n] = front
+    return front.copy()
+
+
+def distance_to_pareto(points: np.ndarray | Sequence[float], front: np.ndarray | None = None) -> np.ndarray:
+    """Euclidean distance (in ``x`` space) from each point ``[..., 2]`` to the Pareto set.
+
+    The distance is to the polyline through :func:`pareto_set` (2,001 points, spacing 0.007).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    front = pareto_set() if front is None else np.asarray(front, dtype=np.float64)
+    flat = pts.reshape(-1, 2)
+    a, b = front[:-1], front[1:]
+    ab = b - a
+    denom = (ab * ab).sum(-1)
+    ap = flat[:, None, :] - a[None]
+    t = np.clip((ap * ab[None]).sum(-1) / denom[None], 0.0, 1.0)
+    closest = a[None] + t[..., None] * ab[None]
+    dist = np.sqrt(((flat[:, None, :] - closest) ** 2).sum(-1)).min(axis=1)
+    return dist.reshape(pts.shape[:-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# optimisation
+# ------------------------------------------------------------------------------------------------
+def balancer_direction(
+    balancer: Any,
+    losses: torch.Tensor,
+    jacobian: torch.Tensor,
+    own: Sequence[torch.Tensor] = (),
+    optimizer: torch.optim.Optimizer | None = None,
+) -> torch.Tensor:
+    """The update direction ``[P]`` :func:`polytask.mtl_backward` would put into ``.grad``.
+
+    Gradient methods: ``combine(J, losses)``. Loss-only methods: the gradient of their objective
+    w.r.t. the losses times ``J`` (the chain rule through ``L = f(x)``), and the gradient of the
+    objective w.r.t. the balancer's own parameters ``own`` (stepped by ``optimizer``).
+    """
+    if optimizer is not None:
+        optimizer.zero_grad(set_to_none=True)
+    if balancer.info.needs == "losses":
+        lt = losses.detach().clone().requires_grad_(True)
+        obj = balancer.objective(lt)
+        grads = torch.autograd.grad(obj, [lt, *own], allow_unused=True)
+        w = grads[0] if grads[0] is not None else torch.zeros_like(lt)
+        d = w @ jacobian
+        for p, g in zip(own, grads[1:]):
+            p.grad = g
+    else:
+        d = balancer.combine(jacobian, losses)
+    if optimizer is not None:
+        optimizer.step()
+    return d.detach()
+
+
+def run_toy(
+    method: str,
+    *,
+    starts: Sequence[Sequence[float]] = VARIANTS["nashmtl"]["starts"],
+    scale: Sequence[float] = VARIANTS["nashmtl"]["scale"],
+    steps: int = 35000,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    balancer_lr: float = 0.025,
+    loss_lower_bound: float = -21.0,
+    hparams: dict[str, Any] | None = None,
+    seed: int = 0,
+    stride: int = 50,
+    pareto_tol: float = 0.05,
+) -> dict[str, Any]:
+    """Optimise the toy problem from every start with balancer ``method``; return the record.
+
+    One balancer (fresh state) per start; all starts advance in lock step. ``x`` is updated by
+    Adam with ``torch.optim.Adam``'s update rule (written out in float64 so that the 2-D problem
+    costs microseconds per step). Returns ``trajectories`` (``[S][n, 2]``, every ``stride``-th point
+    plus the last), ``losses`` (the true, unshifted losses along them), ``final``, ``distance``,
+    ``reached``, ``front_position`` (``x1 / 7`` of the final point, in ``[-1, 1]`` on the front),
+    ``weights`` (the last task weights per start, where the method has weights) and ``seconds``.
+    """
+    rec = info(method)
+    if "extra_batch" in rec.protocol:
+        raise ValueError(f"toy: {method!r} needs extra batches, which a deterministic problem lacks")
+    if steps < 1 or stride < 1:
+        raise ValueError("toy: steps and stride must be >= 1")
+    starts_np = np.asarray(starts, dtype=np.float64).reshape(-1, 2)
+    n_starts = len(starts_np)
+    scale = tuple(float(s) for s in scale)
+    shift = -loss_lower_bound * np.asarray(scale)  # balancers see L_i + 21 scale_i > 0
+    torch.manual_seed(seed)
+    balancers = [create(method, 2, **(hparams or {})).to(torch.float64) for _ in range(n_starts)]
+    owns = [[p for p in b.parameters() if p.requires_grad] for b in balancers]
+    opts = [torch.optim.Adam(own, lr=balancer_lr) if own else None for own in owns]
+    after = "loss_after_step" in rec.protocol
+    epoch_end = "epoch_end" in rec.protocol
+
+    x = starts_np.copy()
+    m = np.zeros_like(x)
+    v = np.zeros_like(x)
+    b1, b2 = betas
+    traj = [x.copy()]
+    record_steps = [0]
+    f, jac = toy_losses_and_jacobian(x, scale)
+    loss_rec = [f.copy()]
+    direction = np.empty_like(x)
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        for i, bal in enumerate(balancers):
+            d = balancer_direction(
+                bal, torch.from_numpy(f[i] + shift), torch.from_numpy(jac[i]), owns[i], opts[i]
+            )
+            direction[i] = d.numpy()
+        if not np.all(np.isfinite(direction)):
+            raise FloatingPointError(f"toy: {method!r} produced a non-finite update at step {step}")
+        # Adam (torch.optim.Adam's update, no weight decay, no amsgrad)
+        m = b1 * m + (1.0 - b1) * direction
+        v = b2 * v + (1.0 - b2) * direction * direction
+        bc1 = 1.0 - b1**step
+        bc2 = 1.0 - b2**step
+        x = x - (lr / bc1) * m / (np.sqrt(v) / math.sqrt(bc2) + eps)
+        f, jac = toy_losses_and_jacobian(x, scale)
+        if after:
+            for i, bal in enumerate(balancers):
+                bal.after_step(torch.from_numpy(f[i] + shift))
+        if epoch_end:
+            for bal in balancers:
+                bal.epoch_end()
+        if step % stride == 0 or step == steps:
+            traj.append(x.copy())
+            loss_rec.append(f.copy())
+            record_steps.append(step)
+    seconds = time.perf_counter() - t0
+
+    dist = distance_to_pareto(x)
+    weights = []
+    for bal in balancers:
+        w = getattr(bal, "last_weights", None)
+        weights.append(None if w is None else [float(u) for u in w.reshape(-1)])
+    traj_np = np.stack(traj, axis=1)  # [S, n, 2]
+    loss_np = np.stack(loss_rec, axis=1)
+    return {
+        "method": method,
+        "starts": starts_np.tolist(),
+        "scale": list(scale),
+        "steps": steps,
+        "record_steps": record_steps,
+        "trajectories": traj_np.tolist(),
+        "losses": loss_np.tolist(),
+        "final": x.tolist(),
+        "final_losses": f.tolist(),
+        "distance": dist.tolist(),
+        "reached": [bool(d <= pareto_tol) for d in dist],
+        "front_position": [float(np.clip(p[0] / 7.0, -1.0, 1.0)) for p in x],
+        "weights": weights,
+        "pareto_tol": pareto_tol,
+        "seconds": seconds,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# the suite
+# ------------------------------------------------------------------------------------------------
+@register_suite("toy")
+class ToySuite(Suite):
+    """CAGrad / Nash-MTL / FAMO two-objective toy: does each method reach the Pareto front?"""
+
+    description = (
+        "Two-objective toy problem of CAGrad/Nash-MTL/FAMO on x in R^2 (first loss scaled by 0.1, "
+        "5 starts, Adam): which methods reach the Pareto front from every start."
+    )
+    has_baselines = False
+
+    def protocol(self, quick: bool) -> Protocol:
+        var = VARIANTS["nashmtl"]
+        settings: dict[str, Any] = {
+            "variant": "nashmtl",
+            "scale": list(var["scale"]),
+            "starts": [list(s) for s in var["starts"]],
+            "optimizer": "adam",
+            "betas": [0.9, 0.999],
+            "eps": 1e-8,
+            "balancer_lr": 0.025,
+            "loss_lower_bound": -21.0,
+            "pareto_tol": 0.05,
+            # as the reference toy scripts run them: FAMO with gamma=0 ("the objective is not
+            # changing", FAMO's run.sh); CAGrad as Nash-MTL's toy (c=0.4, radius c ||g0||,
+            # divided by 1 + c^2); Nash-MTL's own defaults (max_norm=1, 20 CCP iterations).
+            "method_hparams": {
+                "famo": {"gamma": 0.0},
+                "cagrad": {"c": 0.4, "convention": "official", "rescale": 1},
+            },
+        }
+        if quick:
+            # Same path length (lr x steps = 35) in a tenth of the steps: not the papers' numbers.
+            settings.update(steps=3500, lr=1e-2, stride=5)
+            version = "toy-quick-v1"
+        else:
+            settings.update(steps=var["steps"], lr=var["lr"], stride=50)
+            version = "toy-v1"
+        registered = set(available())
+        defaults = tuple(m for m in _PAPER_METHODS if m in registered)
+        return Protocol("toy", version, settings, seeds=(0,), default_methods=defaults)
+
+    def run(self, method: str, seed: int, protocol: Protocol, work_dir: Path) -> RunResult:
+        s = protocol.settings
+        hp = dict(s.get("method_hparams", {}).get(method, {}))
+        hp = {k: val for k, val in hp.items() if k in info(method).hparams}
+        out = run_toy(
+            method,
+            starts=s["starts"],
+            scale=s["scale"],
+            steps=int(s["steps"]),
+            lr=float(s["lr"]),
+            betas=tuple(s["betas"]),
+            eps=float(s["eps"]),
+            balancer_lr=float(s["balancer_lr"]),
+            loss_lower_bound=float(s["loss_lower_bound"]),
+            hparams=hp,
+            seed=seed,
+            stride=int(s["stride"]),
+            pareto_tol=float(s["pareto_tol"]),
+        )
+        out["hparams"] = hp
+        final_losses = np.asarray(out["final_losses"])
+        test = {
+            "pareto/reached": float(np.mean(out["reached"])),
+            "pareto/mean_distance": float(np.mean(out["distance"])),
+            "pareto/max_distance": float(np.max(out["distance"])),
+            "loss/final_mean": float(final_losses.mean()),
+        }
+        hib = {
+            "pareto/reached": True,
+            "pareto/mean_distance": False,
+            "pareto/max_distance": False,
+            "loss/final_mean": False,
+        }
+        return RunResult(
+            method=method,
+            seed=seed,
+            test=test,
+            higher_is_better=hib,
+            time_per_epoch=out["seconds"] / out["steps"],  # one full-batch step = one epoch
+            peak_memory_mb=0.0,
+            best_epoch=None,
+            history=[],
+            extras=out,
+        )
+
+    def plots(self, results: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
+        runs = {m: rs[0] for m, rs in results.items() if rs}
+        if not runs:
+            return []
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return [plot_landscape(runs, out_dir / "toy_trajectories.png"),
+                plot_loss_space(runs, out_dir / "toy_loss_space.png")]
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+_LABELS = {"mean": "LS (mean)", "sum": "LS (sum)", "mgda": "MGDA", "pcgrad": "PCGrad",
+           "cagrad": "CAGrad", "nash_mtl": "Nash-MTL", "famo": "FAMO", "imtl_g": "IMTL-G",
+           "imtl": "IMTL", "uw": "UW", "fairgrad": "FairGrad", "upgrad": "UPGrad",
+           "aligned_mtl": "Aligned-MTL"}
+_START_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
+                  "tab:olive", "tab:cyan")
+
+
+def _grid(n_panels: int) -> tuple[int, int]:
+    cols = min(4, n_panels)
+    return (n_panels + cols - 1) // cols, cols
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_landscape(runs: dict[str, RunResult], path: Path, xl: float = 10.5) -> Path:
+    """One panel per method: contours of the mean loss, the Pareto set and the trajectories."""
+    plt = _pyplot()
+    first = next(iter(runs.values())).extras
+    scale = first["scale"]
+    g = np.linspace(-xl, xl, 400)
+    gx, gy = np.meshgrid(g, g)
+    mean_loss = toy_losses(np.stack([gx, gy], -1), scale).mean(-1)
+    front = pareto_set()
+    rows, cols = _grid(len(runs))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.axis("off")
+    for ax, (name, res) in zip(axes.flat, runs.items()):
+        ex = res.extras
+        ax.contourf(gx, gy, mean_loss, levels=30, cmap="viridis", alpha=0.55)
+        ax.contour(gx, gy, mean_loss, levels=15, colors="k", linewidths=0.3, alpha=0.5)
+        ax.plot(front[:, 0], front[:, 1], color="#555555", linewidth=5, alpha=0.8, zorder=2,
+                label="Pareto set")
+        for i, tr in enumerate(ex["trajectories"]):
+            tr = np.asarray(tr)
+            col = _START_COLOURS[i % len(_START_COLOURS)]
+            ax.plot(tr[:, 0], tr[:, 1], color=col, linewidth=1.6, zorder=3)
+            ax.scatter(tr[0, 0], tr[0, 1], color="k", s=30, zorder=4)
+            ok = ex["reached"][i]
+            ax.scatter(tr[-1, 0], tr[-1, 1], color=col, marker="*" if ok else "X",
+                       s=170 if ok else 90, edgecolors="k", linewidths=0.8, zorder=5)
+        n_ok = sum(ex["reached"])
+        ax.set_title(f"{_LABELS.get(name, name)}: {n_ok}/{len(ex['reached'])} reach the front",
+                     fontsize=10)
+        ax.set_xlim(-xl, xl)
+        ax.set_ylim(-xl, xl)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+    fig.suptitle(
+        f"Toy problem (L1 x {scale[0]:g}, L2 x {scale[1]:g}): contours of (L1+L2)/2, Pareto set "
+        "(grey), start (black dot), end (star: on the front, X: not)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_space(runs: dict[str, RunResult], path: Path) -> Path:
+    """One panel per method in loss space ``(L1, L2)`` with the Pareto front (as Nash-MTL's)."""
+    plt = _pyplot()
+    first = next(iter(runs.values())).extras
+    scale = first["scale"]
+    front_l = toy_losses(pareto_set(), scale)
+    rows, cols = _grid(len(runs))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.axis("off")
+    for ax, (name, res) in zip(axes.flat, runs.items()):
+        ex = res.extras
+        ax.plot(front_l[:, 0], front_l[:, 1], color="#777777", linewidth=6, zorder=1)
+        for i, ls in enumerate(ex["losses"]):
+            ls = np.asarray(ls)
+            col = _START_COLOURS[i % len(_START_COLOURS)]
+            ax.plot(ls[:, 0], ls[:, 1], color=col, linewidth=1.4, zorder=3)
+            ax.scatter(ls[0, 0], ls[0, 1], color="k", s=25, zorder=4)
+            ok = ex["reached"][i]
+            ax.scatter(ls[-1, 0], ls[-1, 1], color=col, marker="*" if ok else "X",
+                       s=150 if ok else 80, edgecolors="k", linewidths=0.8, zorder=5)
+        ax.set_title(_LABELS.get(name, name), fontsize=10)
+        ax.set_xlabel("L1", fontsize=8)
+        ax.set_ylabel("L2", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("Toy problem in loss space; grey: Pareto front", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
