@@ -1,4 +1,4 @@
-"""The ``polytask`` command line: ``train``, ``list``, ``demo``."""
+"""The ``polytask`` command line: ``train``, ``list``, ``demo``, ``bench``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
         print("datasets:")
         for name in data.available():
             print(f"  {name:<20} {data.describe(name)}")
+    if what in ("all", "suites"):
+        from . import bench
+
+        print("benchmark suites (polytask bench SUITE):")
+        for name in bench.available_suites():
+            print(f"  {name:<20} {bench.get_suite(name).description}")
     return 0
 
 
@@ -79,6 +85,39 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .bench._report import format_table
+
+    if args.suite not in bench.available_suites():
+        print(
+            f"polytask: unknown suite {args.suite!r}; available: {', '.join(bench.available_suites())}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        summary = bench.run_suite(
+            args.suite,
+            methods=args.methods,
+            seeds=args.seeds,
+            quick=args.quick,
+            results_dir=args.results,
+            progress=not args.no_progress,
+            threads=args.threads,
+            train=not args.report_only,
+        )
+    except ValueError as err:
+        print(f"polytask: {err}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    for note in summary["notes"]:
+        print(f"note: {note}")
+    for kind in ("md", "html"):
+        if kind in summary.get("report", {}):
+            print(f"report: {summary['report'][kind]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="polytask", description="Multi-task learning for PyTorch")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     t.set_defaults(func=_cmd_train)
 
-    ls = sub.add_parser("list", help="list methods, architectures and datasets")
+    ls = sub.add_parser("list", help="list methods, architectures, datasets and benchmark suites")
     ls.add_argument("what", nargs="?", default="all",
-                    choices=["all", "methods", "architectures", "datasets"])
+                    choices=["all", "methods", "architectures", "datasets", "suites"])
     ls.set_defaults(func=_cmd_list)
 
     d = sub.add_parser("demo", help="the main job: compare balancers on real multi-task data")
@@ -103,6 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-train", type=int, default=4000)
     d.add_argument("--out", default="runs/demo/results.json")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser("bench", help="run a benchmark suite (resumable) and write its report")
+    b.add_argument("suite", help="suite name (see `polytask list suites`)")
+    b.add_argument("--methods", nargs="+", default=None, help="methods (default: the suite's)")
+    b.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
+    b.add_argument("--quick", action="store_true", help="the quick protocol (small data, few epochs)")
+    b.add_argument("--results", default="results", help="results directory (default: results)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bars")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads for the runs")
+    b.add_argument("--report-only", action="store_true",
+                   help="do not train; aggregate and report the stored runs")
+    b.set_defaults(func=_cmd_bench)
     return p
 
 

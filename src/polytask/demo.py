@@ -3,22 +3,23 @@
 Trains single-task baselines (one network per task, same encoder) and one multi-task network per
 balancer on the same data, selects each run's epoch on validation loss, and prints test metrics,
 Δm% against the single-task baselines, mean rank and time per epoch. Every number comes from the
-training it runs.
+training it runs (one seed of the benchmark runner, :func:`polytask.bench.run_protocol`, with
+nothing cached; ``polytask bench`` runs the versioned suites with seeds, caching and reports).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import balancers, data
+from . import balancers
+from .bench import RunResult, TrainerSuite, run_protocol
+from .bench._runner import STL
 from .config import RunConfig, parse_config
-from .metrics import delta_m, mean_rank
-from .recipes import build_run
+from .metrics import delta_m
 
 __all__ = ["DEFAULT_METHODS", "compare", "demo_config", "format_table"]
 
@@ -40,24 +41,26 @@ def demo_config(dataset: str = "multi_mnist", epochs: int = 4, n_train: int = 40
     )
 
 
-def _run_one(
-    cfg: RunConfig, mtd: data.MultiTaskData, method: str, task_names: Sequence[str] | None
-) -> dict[str, Any]:
-    cfg = copy.deepcopy(cfg)
-    cfg.balancer.name = method
-    run = build_run(cfg, mtd=mtd, task_names=task_names, out_dir="")
-    t0 = time.perf_counter()
-    run.trainer.fit(run.train_loader, run.val_loader)
-    elapsed = time.perf_counter() - t0
-    run.trainer.load_best()
-    test = run.trainer.evaluate(run.test_loader)
-    epochs = len(run.trainer.history)
-    return {
-        "test": test,
-        "time_per_epoch": elapsed / max(epochs, 1),
-        "best_epoch": run.trainer.best_epoch,
-        "higher_is_better": run.tasks.higher_is_better(),
-    }
+class _ConfigSuite(TrainerSuite):
+    """A one-off suite whose protocol is a run config (the demo's); not registered."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__()
+        self.name = cfg.data.name
+        self.description = f"polytask demo on {cfg.data.name}"
+        self.cfg = cfg
+
+    def settings(self, quick: bool) -> dict[str, Any]:
+        d = self.cfg.to_dict()
+        keep = ("epochs", "mode", "grad_clip", "amp", "monitor", "patience")
+        return {
+            "data": d["data"],
+            "model": d["model"],
+            "optimizer": d["optimizer"],
+            "scheduler": d["scheduler"],
+            "trainer": {k: d["trainer"][k] for k in keep},
+            "grad_conflict_batches": 0,
+        }
 
 
 def compare(
@@ -66,36 +69,48 @@ def compare(
     *,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Train single-task baselines and every method; return the comparison as data."""
+    """Train single-task baselines and every method; return the comparison as data.
+
+    One seed (``cfg.trainer.seed``) of :func:`polytask.bench.run_protocol`, nothing stored.
+    """
     unknown = [m for m in methods if m not in balancers.available()]
     if unknown:
         raise ValueError(f"unknown balancer(s) {unknown}; available: {balancers.available()}")
-    mtd = data.load(cfg.data.name, **cfg.data.options)
+    suite = _ConfigSuite(cfg)
+    protocol = suite.protocol(quick=False)
+    mtd = suite.data(protocol)
     log(f"data: {mtd!r}")
-    hib: dict[str, bool] = {}
-    baseline: dict[str, float] = {}
-    stl_time = 0.0
-    for task in mtd.task_names:
-        r = _run_one(cfg, mtd, "sum", [task])
-        hib.update(r["higher_is_better"])
-        for k in r["higher_is_better"]:
-            baseline[k] = r["test"][k]
-        stl_time += r["time_per_epoch"]
-        log(f"  single-task {task}: " + ", ".join(f"{k}={baseline[k]:.4f}" for k in r["higher_is_better"]))
+    stl: dict[str, RunResult] = {}
+
+    def on_result(method: str, seed: int, r: RunResult) -> None:
+        if method == STL:
+            stl[str(seed)] = r
+            for task in mtd.task_names:
+                keys = [k for k in r.higher_is_better if k.split("/")[0] == task]
+                log(f"  single-task {task}: " + ", ".join(f"{k}={r.test[k]:.4f}" for k in keys))
+            return
+        dm = delta_m(r.test, stl[str(seed)].test, r.higher_is_better)
+        log(f"  {method}: Δm={dm:+.2f}%  ({r.time_per_epoch:.1f} s/epoch)")
+
+    summary = run_protocol(
+        suite,
+        protocol,
+        list(methods),
+        [cfg.trainer.seed],
+        out_dir=None,
+        progress=False,
+        report=False,
+        log=log,
+        on_result=on_result,
+    )
+    hib = summary["higher_is_better"]
     rows: dict[str, dict[str, Any]] = {}
-    rows["stl"] = {**{k: baseline[k] for k in hib}, "time_per_epoch": stl_time, "delta_m": 0.0}
-    for method in methods:
-        r = _run_one(cfg, mtd, method, None)
-        vals = {k: r["test"][k] for k in hib}
-        rows[method] = {
-            **vals,
-            "time_per_epoch": r["time_per_epoch"],
-            "delta_m": delta_m(vals, baseline, hib),
-        }
-        log(f"  {method}: Δm={rows[method]['delta_m']:+.2f}%  ({r['time_per_epoch']:.1f} s/epoch)")
-    ranks = mean_rank({m: rows[m] for m in methods}, hib) if methods else {}
-    for m in methods:
-        rows[m]["mean_rank"] = ranks[m]
+    for name, row in summary["rows"].items():
+        rows[name] = {k: row["metrics"][k]["mean"] for k in hib}
+        rows[name]["time_per_epoch"] = row["time_per_epoch"]["mean"]
+        rows[name]["delta_m"] = 0.0 if name == STL else row["delta_m"]["mean"]
+        if "mean_rank" in row:
+            rows[name]["mean_rank"] = row["mean_rank"]
     return {"dataset": cfg.data.name, "metrics": list(hib), "higher_is_better": hib, "rows": rows,
             "config": cfg.to_dict()}
 
