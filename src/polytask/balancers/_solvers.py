@@ -218,7 +218,9 @@ def min_norm_point(gramian: Tensor) -> Tensor:
     scale = gramian.diagonal().amax()
     tiny = torch.finfo(gramian.dtype).tiny
     G = gramian / scale.clamp_min(tiny)
-    G = torch.where(scale > tiny, G, torch.zeros_like(G))
+    # All-zero gradients: every point of the hull is the zero vector; solve the well-posed
+    # problem on the identity instead (uniform weights) rather than a singular system.
+    G = torch.where(scale > tiny, G, torch.eye(K, dtype=G.dtype, device=G.device))
     p = torch.zeros(1, K, dtype=G.dtype, device=G.device)
     w, _ = qp_active_set(G, p, simplex=True)
     return w[0]
@@ -551,14 +553,17 @@ def nash_cccp_subproblem(
         L, info = torch.linalg.cholesky_ex(H + (eps * H.diagonal().abs().amax()) * eye)
         dx = torch.cholesky_solve(grad.unsqueeze(-1), L).squeeze(-1)
         lam2 = (grad * dx).sum()
-        if bool(lam2 <= 1e-14) or bool(info != 0):
+        f0 = _hyperbolic_barrier(G, x.unsqueeze(0), c, t)[0]
+        # Newton decrement at the rounding level of the barrier value: no step can make
+        # measurable progress any more (at large t the decrement stalls on that noise floor).
+        noise = 64 * eps * f0.abs()
+        if bool(lam2 <= torch.clamp(noise, min=1e-14)) or bool(info != 0):
             # Centred: stop or increase t.
             if bool(nu / t <= gap_tol * (c @ x).abs().clamp_min(tiny)):
                 ok = torch.ones((), dtype=torch.bool, device=device)
                 break
             t = t * 8.0
             continue
-        f0 = _hyperbolic_barrier(G, x.unsqueeze(0), c, t)[0]
         cand = x.unsqueeze(0) - steps.unsqueeze(-1) * dx.unsqueeze(0)
         fc = _hyperbolic_barrier(G, cand, c, t)
         armijo = (fc <= f0 - 1e-4 * steps * lam2) & torch.isfinite(fc)
@@ -570,7 +575,7 @@ def nash_cccp_subproblem(
             t = t * 8.0
             continue
         x = cand[first]
-        if bool(lam2 <= 1e-9):
+        if bool(lam2 <= torch.clamp(noise, min=1e-9)):
             if bool(nu / t <= gap_tol * (c @ x).abs().clamp_min(tiny)):
                 ok = torch.ones((), dtype=torch.bool, device=device)
                 break
