@@ -105,27 +105,32 @@ def _layer_gramian(a: Tensor, g: Tensor, has_bias: bool) -> Tensor:
 
 
 def fast_backward(
+    root: Tensor,
+    cotangents: Tensor,
     losses: Tensor,
     shared: Sequence[Tensor],
     capture: LinearCapture,
     balancer: "Balancer",  # noqa: F821
-    *,
     retain_graph: bool,
 ) -> Tensor | None:
-    """Balanced update into ``.grad`` of ``shared`` from captured activations (exact)."""
+    """Balanced update into ``.grad`` of ``shared`` from captured activations (exact).
+
+    ``root`` is the tensor the ``K`` cotangents (``[K, *root.shape]``) are pushed back from: the
+    stacked losses with the identity, or the shared representation with the per-task gradients
+    w.r.t. it. ``losses`` (detached) is what the balancer sees.
+    """
     from .balancers import GramianWeighting
 
-    k = losses.shape[0]
+    k = cotangents.shape[0]
     covered = capture.covered()
     records = [r for r in capture.records if r.output.requires_grad]
     capture.clear()
     rest = [p for p in shared if id(p) not in covered]
     outputs = [r.output for r in records]
-    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
     grads = torch.autograd.grad(
-        losses,
+        root,
         [*outputs, *rest],
-        grad_outputs=eye,
+        grad_outputs=cotangents,
         is_grads_batched=True,
         retain_graph=retain_graph,
         allow_unused=True,
@@ -144,7 +149,11 @@ def fast_backward(
         entry = by_module.setdefault(id(r.module), (r.module, [], []))
         entry[1].append(r.inputs)
         entry[2].append(g)
-    layers = [(m, torch.cat(a_list, 0), torch.cat(g_list, 1)) for m, a_list, g_list in by_module.values()]
+    layers = [
+        (m, a_list[0], g_list[0]) if len(a_list) == 1 else
+        (m, torch.cat(a_list, 0), torch.cat(g_list, 1))
+        for m, a_list, g_list in by_module.values()
+    ]
     # shared parameters in captured modules that were not used in this forward get no gradient
     shared_ids = {id(p) for p in shared}
 
@@ -154,9 +163,9 @@ def fast_backward(
             gram = gram + _layer_gramian(a.to(g.dtype), g, m.bias is not None)
         for j in g_rest:
             gram = gram + j @ j.T
-        w = balancer.weights_from_gramian(gram, losses.detach())
+        w = balancer.weights_from_gramian(gram, losses)
         balancer.last_weights = w.detach()
-        w = w.to(losses.dtype)
+        w = w.to(cotangents.dtype)
         for m, a, g in layers:
             gw = torch.einsum("k,kno->no", w, g)
             _add_grad(m.weight, gw.T @ a.to(gw.dtype), shared_ids)
@@ -176,7 +185,7 @@ def fast_backward(
         per_param[id(p)] = j
     cols = [per_param.get(id(p), p.new_zeros(k, p.numel())) for p in shared]
     jac = torch.cat(cols, dim=1)
-    direction = balancer.combine(jac, losses.detach())
+    direction = balancer.combine(jac, losses)
     offset = 0
     for p in shared:
         n = p.numel()
@@ -186,10 +195,11 @@ def fast_backward(
 
 
 def _add_grad(p: Tensor, g: Tensor, shared_ids: set[int]) -> None:
+    """Accumulate ``g`` (a tensor this module computed and owns) into ``p.grad``."""
     if id(p) not in shared_ids:
         return
     g = g.to(p.dtype)
     if p.grad is None:
-        p.grad = g.clone()
+        p.grad = g if g.is_contiguous() else g.contiguous()
     else:
         p.grad.add_(g)

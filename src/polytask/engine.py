@@ -123,11 +123,12 @@ def jacobian(
     """Exact per-task gradients ``[K, P]`` of ``losses`` w.r.t. ``params`` (flattened, in order).
 
     With ``features`` the per-task gradients w.r.t. ``features`` are computed first and the ``K``
-    vector-Jacobian products through the encoder run batched.
+    vector-Jacobian products through the encoder run batched (when every parameter of ``params``
+    lies below ``features``; otherwise directly from the losses).
     """
     k = losses.shape[0]
     eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
-    if features is None:
+    if features is None or not _Graph(features, params, check=False).below(params, []):
         grads = _batched_grad(losses, params, eye, retain_graph=retain_graph)
         return _flatten(grads, params, k)
     (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=True)
@@ -184,7 +185,9 @@ def mtl_backward(
     """Backpropagate ``K`` task losses with a balancer; returns the task weights used.
 
     Args:
-        losses: ``[K]`` tensor (or sequence of ``K`` scalars) of task losses.
+        losses: the ``K`` task losses: a sequence of ``K`` scalars (preferred: with ``features``
+            the engine then takes each task's gradient w.r.t. ``features`` through that task's
+            head alone) or a ``[K]`` tensor.
         shared_params: parameters shared by the tasks; their ``.grad`` receives the balanced
             update.
         balancer: a :class:`~polytask.balancers.Balancer` created for ``K`` tasks.
@@ -203,8 +206,12 @@ def mtl_backward(
             path: the Gramian (or Jacobian) comes from one batched backward to the layer outputs,
             without per-task weight gradients and without a second backward pass.
     """
+    parts: list[Tensor] | None = None
     if not isinstance(losses, Tensor):
-        losses = torch.stack(list(losses))
+        parts = list(losses)
+        if not parts or not all(isinstance(l, Tensor) and l.ndim == 0 for l in parts):
+            raise ValueError("losses must be a [K] tensor or a non-empty sequence of scalar tensors")
+        losses = torch.stack(parts)
     if mode not in ("params", "representation"):
         raise ValueError(f"mode must be 'params' or 'representation', got {mode!r}")
     if not isinstance(balancer, Balancer):
@@ -229,39 +236,56 @@ def mtl_backward(
         raise ValueError(
             "features does not require grad: pass the encoder's output tensor, not a detached copy"
         )
-    if features is not None and rec.needs != "losses":
-        _check_encoder_covered(features, shared)
+    graph = _Graph(features, shared) if features is not None and rec.needs != "losses" else None
 
-    # 1) task-specific parameters: each gets its own task's gradient (heads only, cheap)
     heads = (
         [p for p in task_params if p.requires_grad]
         if task_params is not None
         else task_leaves(losses, [*shared, *own], stop_at=features)
     )
-    if heads:
-        torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
 
     if rec.needs == "losses":  # one ordinary backward of the method's objective
         assert isinstance(balancer, LossWeighting)
         if capture is not None:
             capture.clear()
+        if heads:  # each head gets its own task's gradient (heads only, cheap)
+            torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
         objective = balancer.objective(losses)
         objective.backward(inputs=[*shared, *own], retain_graph=extra_loss is not None)
         if extra_loss is not None:
             extra_loss.backward()
         return balancer.last_weights
 
-    # 2) shared parameters
+    k = losses.shape[0]
+    records = capture.records if capture is not None and mode == "params" else []
+    # Split at the representation when every shared parameter (and captured layer use) lies
+    # below it: per-task gradients w.r.t. `features` first, then K VJPs through the encoder.
+    split = graph is not None and (
+        mode == "representation" or graph.below(shared, [r.output for r in records])
+    )
+    if split:
+        assert features is not None
+        if parts is not None:  # each task through its own head only; fills the heads' grads
+            cot = _feature_grads_per_task(parts, features, heads)
+        else:
+            if heads:
+                torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
+            eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+            (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=True)
+            cot = zgrad if zgrad is not None else features.new_zeros((k, *features.shape))
+        root = features
+    else:
+        if heads:
+            torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
+        cot = torch.eye(k, dtype=losses.dtype, device=losses.device)
+        root = losses
+    keep = extra_loss is not None
+
     if mode == "representation":
         assert features is not None
         if capture is not None:
             capture.clear()
-        k = losses.shape[0]
-        eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
-        (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=extra_loss is not None)
-        if zgrad is None:
-            zgrad = features.new_zeros((k, *features.shape))
-        direction = balancer.combine(zgrad.reshape(k, -1), losses.detach())
+        direction = balancer.combine(cot.reshape(k, -1), losses.detach())
         grad_z = direction.view_as(features).to(features.dtype)
         if extra_loss is not None:
             torch.autograd.backward([features, extra_loss], [grad_z, torch.ones_like(extra_loss)])
@@ -269,30 +293,80 @@ def mtl_backward(
             torch.autograd.backward(features, grad_z, inputs=shared)
         return balancer.last_weights
 
-    if capture is not None and capture.records:
-        weights = fast_backward(
-            losses, shared, capture, balancer, retain_graph=extra_loss is not None
-        )
-        if extra_loss is not None:
-            extra_loss.backward()
-        return weights
-
-    jac = jacobian(losses, shared, features=features, retain_graph=extra_loss is not None)
-    direction = balancer.combine(jac, losses.detach())
-    _accumulate(shared, direction)
+    if records:
+        weights = fast_backward(root, cot, losses.detach(), shared, capture, balancer, keep)
+    else:
+        if capture is not None:
+            capture.clear()
+        grads = _batched_grad(root, shared, cot, retain_graph=keep)
+        direction = balancer.combine(_flatten(grads, shared, k), losses.detach())
+        _accumulate(shared, direction)
+        weights = balancer.last_weights
     if extra_loss is not None:
         extra_loss.backward()
-    return balancer.last_weights
+    return weights
 
 
-def _check_encoder_covered(features: Tensor, shared: Sequence[Tensor]) -> None:
-    """Error if parameters feeding ``features`` are missing from ``shared_params``."""
-    missing = task_leaves(features, shared)
-    missing = [m for m in missing if isinstance(m, nn.Parameter) or m.requires_grad]
-    if missing:
-        shapes = [tuple(m.shape) for m in missing[:5]]
-        raise ValueError(
-            f"{len(missing)} tensor(s) requiring grad feed `features` but are not in "
-            f"shared_params (shapes {shapes}{'...' if len(missing) > 5 else ''}); they would get "
-            "no gradient. Pass every encoder parameter as shared_params."
+def _feature_grads_per_task(parts: Sequence[Tensor], features: Tensor, heads: Sequence[Tensor]) -> Tensor:
+    """``[K, *features.shape]`` gradients of each loss w.r.t. ``features``, one task at a time.
+
+    Each backward runs through that task's own head only (a batched backward from stacked losses
+    would push all ``K`` cotangents through every head and sum ``K`` dense ``[K, ...]`` tensors at
+    ``features``). The heads' gradients (each from its own task) are accumulated on the way.
+    """
+    k = len(parts)
+    out = features.new_zeros((k, *features.shape))
+    inputs = [features, *heads]
+    for i, loss in enumerate(parts):
+        if not loss.requires_grad:
+            continue
+        grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
+        if grads[0] is not None:
+            out[i] = grads[0]
+        for p, g in zip(heads, grads[1:]):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+    return out
+
+
+class _Graph:
+    """The autograd graph below ``features``: its leaves and nodes (one traversal per step).
+
+    Raises if a tensor requiring grad feeds ``features`` but is missing from ``shared`` (it would
+    get no gradient).
+    """
+
+    def __init__(self, features: Tensor, shared: Sequence[Tensor], check: bool = True) -> None:
+        self.nodes: set[int] = set()
+        self.leaves: set[int] = set()
+        missing: list[Tensor] = []
+        shared_ids = {id(p) for p in shared}
+        stack = [features.grad_fn] if features.grad_fn is not None else []
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in self.nodes:
+                continue
+            self.nodes.add(id(fn))
+            var = getattr(fn, "variable", None)
+            if var is not None:  # AccumulateGrad
+                self.leaves.add(id(var))
+                if check and id(var) not in shared_ids:
+                    missing.append(var)
+                continue
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+        if missing:
+            shapes = [tuple(m.shape) for m in missing[:5]]
+            raise ValueError(
+                f"{len(missing)} tensor(s) requiring grad feed `features` but are not in "
+                f"shared_params (shapes {shapes}{'...' if len(missing) > 5 else ''}); they would "
+                "get no gradient. Pass every encoder parameter as shared_params."
+            )
+
+    def below(self, params: Sequence[Tensor], outputs: Sequence[Tensor]) -> bool:
+        """Every parameter and every tensor of ``outputs`` lies below ``features``."""
+        return all(id(p) in self.leaves for p in params) and all(
+            o.grad_fn is not None and id(o.grad_fn) in self.nodes for o in outputs
         )

@@ -198,11 +198,17 @@ class Task:
 
 @dataclass
 class TaskLosses:
-    """Per-task losses of one batch: ``losses[K]`` and the number of labelled samples ``counts``."""
+    """Per-task losses of one batch: ``losses[K]`` and the number of labelled samples ``counts``.
+
+    ``parts`` holds the ``K`` scalar losses before stacking; passing them (not ``losses``) to
+    :func:`polytask.mtl_backward` lets the engine take each task's head gradients separately,
+    which is cheaper with many tasks.
+    """
 
     losses: Tensor
     counts: Tensor
     names: list[str] = field(default_factory=list)
+    parts: tuple[Tensor, ...] = ()
 
     def as_dict(self) -> dict[str, float]:
         return {n: float(v) for n, v in zip(self.names, self.losses.detach())}
@@ -280,11 +286,8 @@ class TaskSet:
             losses.append(loss)
             counts.append(n)
         dev = losses[0].device
-        return TaskLosses(
-            torch.stack([l.to(losses[0].dtype) for l in losses]),
-            torch.tensor(counts, device=dev),
-            self.names,
-        )
+        parts = tuple(l.to(losses[0].dtype) for l in losses)
+        return TaskLosses(torch.stack(parts), torch.tensor(counts, device=dev), self.names, parts)
 
     def make_metrics(self) -> dict[str, dict[str, Any]]:
         return {t.name: {m.name: m.factory() for m in t.metrics} for t in self.tasks}

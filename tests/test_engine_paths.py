@@ -1,0 +1,159 @@
+"""Every route through mtl_backward equals the plain per-task torch.autograd.grad computation.
+
+Routes: losses as a list (per-task head backward) or stacked; with or without ``features``; with
+or without ``capture``; params and representation mode; and models where some shared parameters
+(or a captured layer's use) sit *above* the representation, where the engine must not split there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import polytask
+from polytask import balancers
+
+K = 3
+
+
+class Model(nn.Module):
+    """Encoder -> z -> heads. ``above``: a shared scale and a shared (tied) linear layer are also
+    used after z, so not every shared parameter lies below the representation."""
+
+    def __init__(self, above: bool) -> None:
+        super().__init__()
+        self.above = above
+        self.l1 = nn.Linear(5, 8)
+        self.l2 = nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.tensor(1.3))
+        self.heads = nn.ModuleList(nn.Linear(8, 1) for _ in range(K))
+
+    def shared(self) -> list[nn.Parameter]:
+        return [*self.l1.parameters(), *self.l2.parameters(), self.scale]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.tanh(self.l2(torch.tanh(self.l1(x))))
+        return z if self.above else z * self.scale
+
+    def losses(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        if self.above:
+            z = torch.tanh(self.l2(z)) * self.scale  # the tied layer and the scale above z
+        return [(h(z).squeeze(1) - t).pow(2).mean() for h, t in zip(self.heads, y)]
+
+
+def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(
+        K, 6, generator=g, dtype=torch.float64
+    )
+
+
+def _reference(model: Model, name: str, mode: str):
+    x, y = _data()
+    z = model.encode(x)
+    ls = model.losses(z, y)
+    shared = model.shared()
+    torch.manual_seed(3)
+    bal = balancers.create(name, K)
+    if mode == "params":
+        jac = torch.stack(
+            [torch.cat([g.flatten() for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in ls]
+        )
+        direction = bal.combine(jac, torch.stack(ls).detach())
+        offs, shared_grads = 0, []
+        for p in shared:
+            shared_grads.append(direction[offs : offs + p.numel()].view_as(p))
+            offs += p.numel()
+    else:
+        zg = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+        d = bal.combine(zg, torch.stack(ls).detach()).view_as(z)
+        shared_grads = list(torch.autograd.grad(z, shared, d, retain_graph=True, allow_unused=True))
+        shared_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared, shared_grads)]
+    head_grads = [
+        list(torch.autograd.grad(l, list(h.parameters()), retain_graph=True))
+        for l, h in zip(ls, model.heads)
+    ]
+    return shared_grads, head_grads
+
+
+def _engine(model: Model, name: str, mode: str, as_list: bool, features: bool, capture: bool):
+    for p in model.parameters():
+        p.grad = None
+    cap = polytask.capture_linear_layers(model, model.shared()) if capture else None
+    x, y = _data()
+    z = model.encode(x)
+    ls = model.losses(z, y)
+    torch.manual_seed(3)
+    polytask.mtl_backward(
+        ls if as_list else torch.stack(ls),
+        shared_params=model.shared(),
+        balancer=balancers.create(name, K),
+        features=z if features else None,
+        mode=mode,
+        capture=cap,
+    )
+    if cap is not None:
+        cap.remove()
+    return [p.grad for p in model.shared()], [[p.grad for p in h.parameters()] for h in model.heads]
+
+
+METHODS = ["upgrad", "mgda", "imtl_g", "config", "pcgrad"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("above", [False, True], ids=["all_below_z", "shared_above_z"])
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "stacked"])
+@pytest.mark.parametrize("features", [True, False], ids=["features", "no_features"])
+@pytest.mark.parametrize("capture", [True, False], ids=["capture", "no_capture"])
+def test_params_mode_routes(name, above, as_list, features, capture):
+    torch.manual_seed(0)
+    model = Model(above).double()
+    ref_shared, ref_heads = _reference(model, name, "params")
+    got_shared, got_heads = _engine(model, name, "params", as_list, features, capture)
+    for p, a, b in zip(model.shared(), got_shared, ref_shared):
+        assert a is not None, f"shared parameter {tuple(p.shape)} got no gradient"
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    for a_list, b_list in zip(got_heads, ref_heads):
+        for a, b in zip(a_list, b_list):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda_ub", "config"])
+@pytest.mark.parametrize("as_list", [True, False], ids=["list", "stacked"])
+def test_representation_mode_routes(name, as_list):
+    torch.manual_seed(0)
+    model = Model(above=False).double()
+    ref_shared, ref_heads = _reference(model, name, "representation")
+    got_shared, got_heads = _engine(model, name, "representation", as_list, True, False)
+    for a, b in zip(got_shared, ref_shared):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+    for a_list, b_list in zip(got_heads, ref_heads):
+        for a, b in zip(a_list, b_list):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_task_without_gradient_in_a_list():
+    """A task whose loss is a constant (no labels in the batch) contributes a zero row."""
+    torch.manual_seed(0)
+    model = Model(above=False).double()
+    x, y = _data()
+    z = model.encode(x)
+    ls = model.losses(z, y)
+    ls[1] = torch.zeros((), dtype=torch.float64)
+    w = polytask.mtl_backward(
+        ls, shared_params=model.shared(), balancer=balancers.create("mean", K), features=z
+    )
+    assert w is not None and torch.isfinite(w).all()
+    for p in [*model.shared(), *model.heads[0].parameters()]:
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    assert all(p.grad is None for p in model.heads[1].parameters())
+
+
+def test_losses_must_be_scalars():
+    with pytest.raises(ValueError, match="sequence of scalar tensors"):
+        polytask.mtl_backward(
+            [torch.ones(2, requires_grad=True)],
+            shared_params=[nn.Parameter(torch.ones(1))],
+            balancer=balancers.create("mean", 1),
+        )
