@@ -36,7 +36,7 @@ from polytask.data import (
     load,
 )
 from polytask.data.images import load_mnist_5k, overlay_pairs
-from polytask.data.text import HashedTfidf
+from polytask.data.text import MINILM_DIM, HashedTfidf, minilm_available, minilm_embeddings
 
 
 def _sha(data: bytes) -> str:
@@ -353,6 +353,81 @@ def test_reviews_hashing_backend() -> None:
     batch = next(iter(DataLoader(data.train, batch_size=8)))
     assert batch["x"].shape == (8, 256)
     assert batch["department"].max() < 6 and batch["rating"].max() < 5
+
+
+class _FakeEncoder:
+    """Deterministic stand-in for MiniLM: 4 features of the text, counts its calls."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def __call__(self, texts: Any) -> np.ndarray:
+        self.seen.extend(texts)
+        return np.asarray(
+            [[len(t), t.count(" "), t.lower().count("dress"), float(len(t) % 7)] for t in texts],
+            dtype=np.float32,
+        )
+
+
+def test_minilm_embeddings_cache_reuses_and_refreshes(tmp_path: Path) -> None:
+    cache = tmp_path / "emb.npz"
+    enc = _FakeEncoder()
+    ids = np.array([5, 2, 9])
+    texts = ["a red dress", "too small", "love it"]
+    first = minilm_embeddings(ids, texts, cache=cache, encoder=enc, chunk=2)
+    assert first.shape == (3, 4) and enc.seen == texts
+    np.testing.assert_array_equal(first, enc(texts))
+    enc.seen.clear()
+    # cached documents are not encoded again; a new one is; order follows the ids asked for
+    again = minilm_embeddings(np.array([9, 5, 7]), ["love it", "a red dress", "new"],
+                              cache=cache, encoder=enc)
+    assert enc.seen == ["new"]
+    np.testing.assert_array_equal(again[:2], first[[2, 0]])
+    # a changed text under a known id is re-encoded
+    enc.seen.clear()
+    changed = minilm_embeddings(np.array([2]), ["far too small"], cache=cache, encoder=enc)
+    assert enc.seen == ["far too small"] and changed[0, 0] == len("far too small")
+    with pytest.raises(ValueError, match="2 ids but 1 texts"):
+        minilm_embeddings(np.array([1, 2]), ["x"], cache=cache, encoder=enc)
+    with pytest.raises(ValueError, match="expected"):
+        minilm_embeddings(np.array([11]), ["y"], cache=cache,
+                          encoder=lambda t: np.zeros((len(t), 3), np.float32))
+
+
+def test_reviews_minilm_features_with_a_stand_in_encoder() -> None:
+    from polytask.data import reviews
+
+    enc = _FakeEncoder()
+    data = build_or_skip(reviews, n_train=30, n_val=10, n_test=10, features="minilm", encoder=enc)
+    assert data.input_shape == (4,) and data.extras["features"] == "minilm"
+    assert len(enc.seen) == 50  # only the requested subset is encoded
+    sample = check_sample(data)
+    assert sample["x"].shape == (4,)
+    # the same reviews (same split) as the TF-IDF variant
+    tfidf = reviews(n_train=30, n_val=10, n_test=10, backend="hashing", max_features=16)
+    for split in ("train", "test"):
+        assert np.array_equal(data.extras["rows"][split], tfidf.extras["rows"][split])
+        a, b = getattr(data, split), getattr(tfidf, split)
+        assert all(int(a[i]["rating"]) == int(b[i]["rating"]) for i in range(len(a)))
+    with pytest.raises(ValueError, match="features"):
+        reviews(n_train=5, n_val=5, n_test=5, features="bert")
+
+
+@pytest.mark.skipif(not minilm_available(), reason="optional MiniLM encoder not installed "
+                    "(pip install 'polytask[text]')")
+def test_minilm_encoder_is_the_pretrained_model(tmp_path: Path) -> None:
+    from polytask.data.text import _minilm_encoder
+
+    enc = _minilm_encoder()
+    e = minilm_embeddings(
+        np.arange(3),
+        ["This dress fits perfectly.", "The dress fits great!", "Shipping took three weeks."],
+        cache=tmp_path / "m.npz", encoder=enc,
+    )
+    assert e.shape == (3, MINILM_DIM)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)
+    sim = e @ e.T
+    assert sim[0, 1] > sim[0, 2] + 0.2  # paraphrases are closer than unrelated text
 
 
 def test_hashed_tfidf() -> None:
