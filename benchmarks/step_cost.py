@@ -95,7 +95,9 @@ LR = 1e-3
 
 DEFAULT_METHODS = [
     "mgda", "pcgrad", "cagrad", "imtl_g", "nash_mtl", "upgrad", "fairgrad", "aligned_mtl", "mean",
+    "uw", "famo",
 ]
+DEFAULT_AMORTIZE = ["upgrad", "mgda", "nash_mtl"]  # rows "method (every N)" with --amortize N
 DEFAULT_REPR_METHODS = ["upgrad", "mgda"]
 
 VARIANTS = ["polytask", "polytask_nocap", "torchjd", "torchjd_autogram", "libmtl"]
@@ -144,6 +146,9 @@ PEERS: dict[str, Peer] = {
                         libmtl="Aligned_MTL"),
     "gradvac": Peer("GradVac", torchjd_weighting="GradVacWeighting", libmtl="GradVac",
                     libmtl_kwargs={"GradVac_beta": 0.5, "GradVac_group_type": 0}),
+    "uw": Peer(None, libmtl="UW", note="torchjd has no loss weightings"),
+    "famo": Peer(None, libmtl="FAMO", libmtl_kwargs={"FAMO_w_lr": 0.025, "FAMO_w_gamma": 1e-3},
+                 note="torchjd has no loss weightings"),
     "mean": Peer("Mean", torchjd_weighting="MeanWeighting", libmtl="EW",
                  note="LibMTL EW sums the losses"),
     "sum": Peer("Sum", torchjd_weighting="SumWeighting", libmtl="EW"),
@@ -245,7 +250,7 @@ class Baseline(Variant):
 
 
 class PolytaskStep(Variant):
-    def __init__(self, wl: Workload, method: str, mode: str, capture: bool) -> None:
+    def __init__(self, wl: Workload, method: str, mode: str, capture: bool, every: int = 1) -> None:
         super().__init__(wl)
         if method not in polytask.balancers.available():
             raise Unavailable(f"{method!r} is not registered in polytask")
@@ -253,17 +258,29 @@ class PolytaskStep(Variant):
         if rec.needs != "losses" and mode not in rec.modes:
             raise Unavailable(f"polytask {method!r} does not support mode={mode!r}")
         self.hparams = polytask_hparams(method)
-        self.balancer = polytask.balancers.create(method, wl.k, **self.hparams)
+        if every > 1:  # the opt-in approximation: recompute the weights every `every` steps
+            self.balancer = polytask.balancers.create(
+                "amortized", wl.k, base=method, every=every, base_hparams=self.hparams)
+        else:
+            self.balancer = polytask.balancers.create(method, wl.k, **self.hparams)
         self.set_extra(list(self.balancer.parameters()))
         self.mode = mode
         self.cap = polytask.capture_linear_layers(self.enc, self.shared) if capture else None
+        self.after_step = "loss_after_step" in self.balancer.info.protocol
+
+    def step(self) -> None:
+        super().step()
+        if self.after_step:  # FAMO: the losses at the new parameters (the protocol's extra forward)
+            with torch.no_grad():
+                _, losses = task_losses(self.enc, self.heads, self.wl.x, self.wl.y)
+            self.balancer.after_step(torch.stack(losses))
 
     def compute(self) -> None:
         if self.cap is not None:
             self.cap.clear()
         z, losses = task_losses(self.enc, self.heads, self.wl.x, self.wl.y)
-        polytask.mtl_backward(
-            torch.stack(losses), shared_params=self.shared, balancer=self.balancer, features=z,
+        polytask.mtl_backward(  # the list of losses: each task's head backward runs on its own
+            losses, shared_params=self.shared, balancer=self.balancer, features=z,
             mode=self.mode, capture=self.cap,
         )
 
@@ -481,8 +498,23 @@ class LibMTLStep(Variant):
         with self.shim():
             self.model.backward(losses, **self.kwargs)
 
+    def step(self) -> None:
+        super().step()
+        if hasattr(self.model, "update_w"):  # FAMO, as LibMTL's Trainer does after the step
+            with torch.no_grad():
+                preds = self.model(self.wl.x)
+                new = torch.stack([
+                    F.mse_loss(preds[t].squeeze(-1), self.wl.y[:, i])
+                    for i, t in enumerate(self.names)
+                ])
+            self.model.update_w(new.detach())
+
 
 def make_variant(kind: str, wl: Workload, method: str, mode: str, args: argparse.Namespace) -> Variant:
+    if mode.startswith("every"):
+        if kind != "polytask":
+            raise Unavailable("amortised rows time polytask only")
+        return PolytaskStep(wl, method, "params", capture=True, every=int(mode.split()[1]))
     repr_mode = mode == "representation"
     if kind == "polytask":
         return PolytaskStep(wl, method, "representation" if repr_mode else "params",
@@ -707,7 +739,7 @@ def run_config(
     wl: Workload, base: Variant, base_peak: int | None, method: str, mode: str,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    label = method if mode == "params" else f"{method} (repr)"
+    label = {"params": method, "representation": f"{method} (repr)"}.get(mode, f"{method} ({mode})")
     row: dict[str, Any] = {"method": method, "mode": mode, "label": label, "K": wl.k,
                            "variants": {}}
     ref_grad: Tensor | None = None
@@ -763,6 +795,39 @@ def run_config(
     row["polytask_over_torchjd"] = pt / min(tj) if pt is not None and tj else None
     row["polytask_over_libmtl"] = pt / lm if pt is not None and lm is not None else None
     return row
+
+
+def amortized_error(wl: Workload, method: str, every: int, steps: int, seed: int) -> dict[str, Any]:
+    """The approximation error of ``amortized``: along ``steps`` SGD steps of the amortised run,
+    the cosine and relative error between its direction and the exact method's direction at the
+    same parameters (the exact balancer is called at every step, so its own state advances)."""
+    _seed_all(seed)
+    amort = PolytaskStep(wl, method, "params", capture=True, every=every)
+    exact = PolytaskStep(wl, method, "params", capture=True)
+    cos: list[float] = []
+    rel: list[float] = []
+    try:
+        for t in range(steps):
+            exact.enc.load_state_dict(amort.enc.state_dict())
+            exact.heads.load_state_dict(amort.heads.state_dict())
+            exact.opt.zero_grad(set_to_none=True)
+            exact.compute()
+            d_exact = exact.shared_grad()
+            amort.step()  # zero_grad, compute, opt.step (gradients stay readable)
+            d = amort.shared_grad()
+            if t % every:  # reuse steps only (recomputation steps are exact)
+                cos.append(_cosine(d, d_exact))
+                rel.append(float((d - d_exact).norm() / d_exact.norm().clamp_min(1e-30)))
+    finally:
+        amort.close()
+        exact.close()
+    return {
+        "steps": steps, "reuse_steps": len(cos),
+        "cosine_median": statistics.median(cos) if cos else None,
+        "cosine_min": min(cos) if cos else None,
+        "rel_error_median": statistics.median(rel) if rel else None,
+        "rel_error_max": max(rel) if rel else None,
+    }
 
 
 def fmt(x: float | None, suffix: str = "") -> str:
@@ -835,6 +900,21 @@ def print_report(res: dict[str, Any]) -> None:
                   f"| {cell(r, 'polytask', 'mem_ratio')} | {cell(r, 'polytask_nocap', 'mem_ratio')} "
                   f"| {cell(r, 'torchjd', 'mem_ratio')} | {cell(r, 'torchjd_autogram', 'mem_ratio')} "
                   f"| {cell(r, 'libmtl', 'mem_ratio')} |")
+    amort = [r for r in res["results"] if "amortized_error" in r]
+    if amort:
+        print()
+        print("## Opt-in approximation: `amortized` (weights recomputed every N steps)")
+        print()
+        print("Error along an SGD run on reuse steps, against the exact method at the same parameters.")
+        print()
+        print("| method | K | polytask ratio | reuse steps | cosine median (min) "
+              "| relative error median (max) |")
+        print("|---|---|---|---|---|---|")
+        for r in amort:
+            e = r["amortized_error"]
+            print(f"| {r['label']} | {r['K']} | {cell(r, 'polytask')} | {e['reuse_steps']} "
+                  f"| {fmt(e['cosine_median'])} ({fmt(e['cosine_min'])}) "
+                  f"| {e['rel_error_median']:.2e} ({e['rel_error_max']:.2e}) |")
     print()
     print("Baseline (sum step) median ms per K: " + ", ".join(
         f"K={k}: {v['ms']:.2f}" for k, v in res["baseline"].items() if "ms" in v))
@@ -867,6 +947,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repr-methods", nargs="*", default=DEFAULT_REPR_METHODS,
                    help="representation-mode rows (default: %(default)s)")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
+    p.add_argument("--amortize", type=int, nargs="*", default=[],
+                   help="also time the opt-in `amortized` approximation with these periods N "
+                        "(rows 'method (every N)', polytask only) and report its direction error")
+    p.add_argument("--amortize-methods", nargs="+", default=DEFAULT_AMORTIZE)
+    p.add_argument("--amortize-steps", type=int, default=24,
+                   help="SGD steps over which the amortised direction error is measured")
     p.add_argument("--pairs", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
@@ -910,7 +996,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes: list[str] = []
     rows: list[tuple[str, str]] = []
     missing: list[str] = []
-    for mode, names in (("params", args.methods), ("representation", args.repr_methods)):
+    modes = [("params", args.methods), ("representation", args.repr_methods)]
+    modes += [(f"every {n}", args.amortize_methods) for n in args.amortize]
+    for mode, names in modes:
         for m in names:
             if m not in available:
                 missing.append(m)
@@ -968,6 +1056,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         base_ms = []
         for method, mode in rows:
             row = run_config(wl, base, binfo.get("peak_bytes"), method, mode, args)
+            if mode.startswith("every") and "ratio" in row["variants"].get("polytask", {}):
+                row["amortized_error"] = amortized_error(
+                    wl, method, int(mode.split()[1]), args.amortize_steps, args.seed)
             res["results"].append(row)
             base_ms += [e["baseline_ms"] for e in row["variants"].values() if "baseline_ms" in e]
         if base_ms:

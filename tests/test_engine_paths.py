@@ -157,3 +157,45 @@ def test_losses_must_be_scalars():
             shared_params=[nn.Parameter(torch.ones(1))],
             balancer=balancers.create("mean", 1),
         )
+
+
+@pytest.mark.parametrize("mode", ["params", "representation"])
+def test_amortized_reuse_step_is_one_backward_with_cached_weights(mode):
+    """Steps between recomputations give exactly w_cached @ J (and the heads their own grads)."""
+    torch.manual_seed(0)
+    model = Model(above=False).double()
+    bal = balancers.create("amortized", K, base="upgrad", every=3)
+    exact = balancers.create("upgrad", K)
+    x, y = _data()
+    seen = []
+    for step in range(5):
+        for p in model.parameters():
+            p.grad = None
+        z = model.encode(x * (1 + 0.1 * step))
+        ls = model.losses(z, y)
+        if mode == "params":
+            jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
+                l, model.shared(), retain_graph=True)]) for l in ls])
+        else:
+            jac = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+        w = polytask.mtl_backward(ls, shared_params=model.shared(), balancer=bal, features=z, mode=mode)
+        if step % 3 == 0:
+            w_exact = exact.weights_from_gramian(jac @ jac.T, None)
+            torch.testing.assert_close(w, w_exact.to(w))
+            cached = w.clone()
+        else:
+            torch.testing.assert_close(w, cached)
+        seen.append(w)
+        if mode == "params":
+            got = torch.cat([p.grad.flatten() for p in model.shared()])
+            torch.testing.assert_close(got, w.to(jac) @ jac, rtol=1e-7, atol=1e-10)
+    assert bal.step == 5
+    state = bal.state_dict()
+    fresh = balancers.create("amortized", K, base="upgrad", every=3)
+    fresh.load_state_dict(state)
+    assert fresh.step == 5 and fresh.reuse_weights() is not None  # step 5: a reuse step
+
+
+def test_amortized_rejects_jacobian_methods():
+    with pytest.raises(ValueError, match="not a Gramian weighting"):
+        balancers.create("amortized", K, base="config")

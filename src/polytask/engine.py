@@ -256,6 +256,18 @@ def mtl_backward(
             extra_loss.backward()
         return balancer.last_weights
 
+    reused = balancer.reuse_weights()
+    if reused is not None:  # an amortised step: one ordinary backward of sum_i w_i L_i
+        if capture is not None:
+            capture.clear()
+        if heads:
+            torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
+        objective = (reused.to(losses.dtype) * losses).sum()
+        objective.backward(inputs=shared, retain_graph=extra_loss is not None)
+        if extra_loss is not None:
+            extra_loss.backward()
+        return reused
+
     k = losses.shape[0]
     records = capture.records if capture is not None and mode == "params" else []
     # Split at the representation when every shared parameter (and captured layer use) lies

@@ -14,10 +14,12 @@ from ._base import (
     GramianWeighting,
     JacobianAggregator,
     LossWeighting,
+    MultiBatchWeighting,
     available,
     create,
     info,
     register,
+    stack_batches,
 )
 
 # Importing the implementation modules fills the registry.
@@ -25,18 +27,24 @@ from . import _simple  # noqa: F401, E402
 from . import _gramian  # noqa: F401, E402
 from . import _losses  # noqa: F401
 from . import _jacobian  # noqa: F401
+from . import _stochastic  # noqa: F401
+from . import _amortized  # noqa: F401, E402
+from ._amortized import Amortized  # noqa: E402
 from ._jacobian import compose, partition
 
 __all__ = [
+    "Amortized",
     "Balancer",
     "BalancerInfo",
     "GramianWeighting",
     "JacobianAggregator",
     "LossWeighting",
+    "MultiBatchWeighting",
     "available",
     "compose",
     "create",
     "info",
     "partition",
     "register",
+    "stack_batches",
 ]

@@ -10,6 +10,9 @@ families share that contract and differ in what they need, which their capabilit
   ``direction = w(G, losses) @ J``; the engine may compute ``G`` without materialising ``J``.
 * :class:`JacobianAggregator` needs the full Jacobian (projections, per-coordinate operations,
   momentum buffers of gradients).
+* :class:`MultiBatchWeighting` (a :class:`GramianWeighting`) needs the Jacobians of ``B``
+  independent batches of the same tasks (MoDo, SDMGrad): its weights come from the ``[B, K, B, K]``
+  Gramian of the stacked Jacobian, its direction is a combination of all ``B * K`` rows.
 
 The engine and the trainer read :class:`BalancerInfo` records and never branch on method names.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -33,10 +36,12 @@ __all__ = [
     "GramianWeighting",
     "JacobianAggregator",
     "LossWeighting",
+    "MultiBatchWeighting",
     "available",
     "create",
     "info",
     "register",
+    "stack_batches",
 ]
 
 
@@ -51,14 +56,30 @@ class BalancerInfo:
         description: one line for ``polytask list``.
         stateful: the method keeps state across steps (in ``state_dict``).
         learnable: the method owns parameters to optimise together with the model.
-        protocol: extra training-protocol needs, e.g. ``"loss_after_step"`` (FAMO re-evaluates the
-            losses after the optimiser step and calls :meth:`Balancer.after_step`),
-            ``"extra_batch"`` (MoDo/SDMGrad need more than one batch per step).
+        protocol: extra training-protocol needs:
+
+            * ``"loss_after_step"``: after the optimiser step, the losses of the same batch are
+              re-evaluated (no gradient) and passed to :meth:`Balancer.after_step` (FAMO);
+            * ``"extra_batch"``: every step needs ``n_batches`` independent batches of the same
+              tasks (MoDo, SDMGrad). The balancer is a :class:`MultiBatchWeighting`; it receives
+              the Jacobians of the batches stacked as ``[n_batches, K, P]`` (losses
+              ``[n_batches, K]``), through :meth:`MultiBatchWeighting.combine` or, in the engine,
+              through :func:`stack_batches`. ``combine(J, losses)`` with a single ``[K, P]``
+              Jacobian still works: every batch is then taken to be that one.
         modes: engine modes the method can work in.
         hparams: default hyperparameters (from the constructor signature).
         reference: the reference implementation followed.
         mode: the engine mode the method is defined for (``None``: whichever the user picks), e.g.
             ``"representation"`` for ``mgda_ub``; the trainer uses it as the default mode.
+        n_batches: independent batches one step consumes (``> 1`` exactly when ``protocol``
+            holds ``"extra_batch"``).
+        host_syncs: most host synchronisations one :meth:`Balancer.combine` call makes, for any
+            input, with the default hyperparameters: reads of a tensor's value into Python
+            (``item``, ``bool``, ``float``, ``int``, ``tolist``, ``numpy``, ``cpu``), each of
+            which waits for an accelerator. Closed-form methods make none. ``None``: the method
+            runs an iterative solver that tests its convergence on the host (once per iteration
+            on CPU, every few iterations on accelerators), so the count depends on the input and
+            is bounded only by the solver's iteration cap. The conformance suite counts them.
     """
 
     name: str
@@ -73,6 +94,19 @@ class BalancerInfo:
     hparams: dict[str, Any] = field(default_factory=dict)
     reference: str = ""
     mode: str | None = None
+    n_batches: int = 1
+    host_syncs: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.n_batches < 1:
+            raise ValueError(f"{self.name}: n_batches must be >= 1, got {self.n_batches}")
+        if (self.n_batches > 1) != ("extra_batch" in self.protocol):
+            raise ValueError(
+                f"{self.name}: protocol 'extra_batch' goes with n_batches > 1 "
+                f"(got protocol={self.protocol}, n_batches={self.n_batches})"
+            )
+        if self.host_syncs is not None and self.host_syncs < 0:
+            raise ValueError(f"{self.name}: host_syncs must be >= 0 or None")
 
 
 _REGISTRY: dict[str, BalancerInfo] = {}
@@ -89,6 +123,8 @@ def register(
     modes: tuple[str, ...] = ("params", "representation"),
     reference: str = "",
     mode: str | None = None,
+    n_batches: int = 1,
+    host_syncs: int | None = 0,
 ) -> Callable[[type[Balancer]], type[Balancer]]:
     """Class decorator adding a balancer to the registry under ``name`` (validated)."""
     if name != name.lower() or not name.replace("_", "").isalnum():
@@ -122,6 +158,8 @@ def register(
             hparams=hparams,
             reference=reference,
             mode=mode,
+            n_batches=n_batches,
+            host_syncs=host_syncs,
         )
         _REGISTRY[name] = rec
         cls.info = rec
@@ -188,6 +226,16 @@ class Balancer(nn.Module):
         """
         jacobian, losses = self._check(jacobian, losses)
         return self._combine(jacobian, losses)
+
+    def reuse_weights(self) -> Tensor | None:
+        """Weights this step takes without looking at the gradients, or ``None`` (the default).
+
+        Amortised methods (:class:`~polytask.balancers.Amortized`) return their cached weights on
+        the steps between two recomputations, and count the step. The engine then skips the
+        per-task gradients and runs one ordinary backward of ``sum_i w_i L_i`` for the shared
+        parameters, which gives exactly the direction ``w @ J``.
+        """
+        return None
 
     def after_step(self, losses: Tensor) -> None:  # noqa: B027 - optional hook
         """Called with the losses re-evaluated after the optimiser step (``loss_after_step``)."""
@@ -273,3 +321,128 @@ class JacobianAggregator(Balancer):
     """A method that needs the full Jacobian (projections, masks, gradient buffers)."""
 
     needs: ClassVar[Needs] = "jacobian"
+
+
+class MultiBatchWeighting(GramianWeighting):
+    """A weighting of the Jacobians of several independent batches (protocol ``"extra_batch"``).
+
+    Stochastic multi-objective methods (MoDo, SDMGrad) need unbiased estimates of products of
+    gradients such as ``J J^T lambda``, hence several *independent* stochastic Jacobians of the
+    same tasks at the same parameters per step. With ``B = info.n_batches`` such Jacobians
+    ``J_1..J_B`` (``[K, P]`` each), the method sees the block Gramian
+    ``G[a, i, b, j] = <J_a[i], J_b[j]>`` (``[B, K, B, K]``) and returns weights ``W`` (``[B, K]``);
+    the direction is ``sum_{a, i} W[a, i] J_a[i]``. So it only ever needs inner products, and
+    the engine can compute ``G`` without materialising any Jacobian (:func:`stack_batches`).
+
+    Entry points:
+
+    * :meth:`combine` with ``[B, K, P]`` (and losses ``[B, K]``): the stacked Jacobians;
+    * :meth:`combine` with ``[K, P]`` (losses ``[K]``): every batch is this one (the
+      single-batch form every balancer supports); the weights are then summed over the batches;
+    * :func:`stack_batches` for :func:`polytask.mtl_backward` with the ``B * K`` losses of the
+      ``B`` batches concatenated batch by batch.
+
+    ``last_weights`` holds the per-task weights summed over the batches (``[K]``).
+    Implement :meth:`weights_from_batch_gramian`.
+    """
+
+    @property
+    def n_batches(self) -> int:
+        """Independent batches one step consumes (``info.n_batches``)."""
+        return self.info.n_batches
+
+    def weights_from_batch_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
+        """Weights ``[B, K]`` from the block Gramian ``[B, K, B, K]`` and losses ``[B, K]``.
+
+        Called once per training step; stateful methods advance their state here.
+        """
+        raise NotImplementedError
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
+        B, K = self.n_batches, gramian.shape[0]
+        blocks = gramian.reshape(1, K, 1, K).expand(B, K, B, K)
+        per_batch = None if losses is None else losses.reshape(1, K).expand(B, K)
+        return self.weights_from_batch_gramian(blocks, per_batch).sum(0)
+
+    def combine(self, jacobian: Tensor, losses: Tensor | None = None) -> Tensor:
+        """Direction ``[P]`` from ``[K, P]`` (one batch) or ``[n_batches, K, P]`` Jacobians."""
+        if not (isinstance(jacobian, Tensor) and jacobian.ndim == 3):
+            return super().combine(jacobian, losses)
+        name = type(self).__name__
+        B, K = self.n_batches, self.n_tasks
+        if jacobian.shape[:2] != (B, K):
+            raise ValueError(
+                f"{name}: stacked jacobians must have shape [{B}, {K}, P] (n_batches, n_tasks, "
+                f"P), got {tuple(jacobian.shape)}"
+            )
+        if losses is not None:
+            losses = torch.as_tensor(losses, dtype=jacobian.dtype, device=jacobian.device)
+            if losses.shape != (B, K):
+                raise ValueError(
+                    f"{name}: losses of stacked batches must have shape [{B}, {K}], "
+                    f"got {tuple(losses.shape)}"
+                )
+        rows = jacobian.reshape(B * K, jacobian.shape[2])
+        gramian = (rows @ rows.T).reshape(B, K, B, K)
+        w = self.weights_from_batch_gramian(gramian, losses)
+        self.last_weights = w.detach().sum(0)
+        return w.reshape(-1).to(rows) @ rows
+
+
+class BatchStack(GramianWeighting):
+    """A :class:`MultiBatchWeighting` seen as a weighting of ``B * K`` losses (for the engine).
+
+    Created by :func:`stack_batches`; the wrapped balancer is the submodule ``base`` (its state is
+    this module's state under ``base.``).
+    """
+
+    def __init__(self, balancer: MultiBatchWeighting) -> None:
+        if not isinstance(balancer, MultiBatchWeighting):
+            raise TypeError(
+                f"stack_batches needs a MultiBatchWeighting (protocol 'extra_batch'), got "
+                f"{type(balancer).__name__}"
+            )
+        super().__init__(balancer.n_batches * balancer.n_tasks)
+        self.base = balancer
+        rec = balancer.info
+        self.info = replace(
+            rec,
+            cls=BatchStack,
+            protocol=tuple(p for p in rec.protocol if p != "extra_batch"),
+            n_batches=1,
+        )
+
+    def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
+        B, K = self.base.n_batches, self.base.n_tasks
+        w = self.base.weights_from_batch_gramian(
+            gramian.reshape(B, K, B, K), None if losses is None else losses.reshape(B, K)
+        )
+        self.base.last_weights = w.detach().sum(0)
+        return w.reshape(-1)
+
+    def after_step(self, losses: Tensor) -> None:
+        self.base.after_step(losses)
+
+    def epoch_end(self) -> None:
+        self.base.epoch_end()
+
+
+def stack_batches(balancer: MultiBatchWeighting) -> BatchStack:
+    """Wrap a multi-batch method for :func:`polytask.mtl_backward` over ``B`` batches.
+
+    Forward the ``B = balancer.n_batches`` batches, concatenate their task losses batch by batch
+    (``B * K`` losses: batch 0's ``K`` tasks, then batch 1's, ...) and pass them with the
+    returned balancer. The engine computes the ``[B K, B K]`` Gramian (exactly, also through
+    the activation-based path), the wrapped method turns it into weights, and each shared
+    parameter's ``.grad`` receives ``sum_{a, i} W[a, i] grad L_{a, i}``; task-specific
+    parameters receive the sum of their task's gradients over the ``B`` batches (as the
+    reference implementations of MoDo and SDMGrad give them). ``mtl_backward`` returns the
+    ``B * K`` weights; ``balancer.last_weights`` holds the per-task weights summed over batches.
+
+    >>> import torch, polytask.balancers as B
+    >>> modo = B.create("modo", n_tasks=2)
+    >>> stacked = B.stack_batches(modo)
+    >>> stacked.n_tasks  # two batches of two tasks
+    4
+    """
+    return BatchStack(balancer)
