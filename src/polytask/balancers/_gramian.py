@@ -71,6 +71,7 @@ _GRAD_NORMS = ("none", "l2", "loss", "loss+")
     paper="Désidéri, C. R. Math. 2012; Sener & Koltun, NeurIPS 2018",
     description="Min-norm point of the convex hull of the task gradients (exact QP).",
     reference="torchjd 0.18 aggregation.MGDA / LibMTL weighting.MGDA (solved exactly here)",
+    host_syncs=None,
 )
 class MGDA(GramianWeighting):
     """Multiple-gradient descent: the min-norm element of the convex hull of the gradients.
@@ -125,6 +126,7 @@ class MGDA(GramianWeighting):
     description="MGDA on the gradients w.r.t. the shared representation (upper bound).",
     reference="isl-org/MultiObjectiveOptimization (MGDA-UB); LibMTL MGDA with rep_grad=True",
     mode="representation",
+    host_syncs=None,
 )
 class MGDAUB(MGDA):
     """MGDA-UB: MGDA solved on the gradients with respect to the shared representation.
@@ -163,6 +165,7 @@ def _normalised_regularised(gramian: Tensor, reg_eps: float) -> Tensor:
     paper="Quinton & Rey, Jacobian Descent for Multi-Objective Optimization, arXiv:2406.16232",
     description="Average of the projections of each task gradient onto the dual cone.",
     reference="torchjd 0.18 aggregation.UPGrad (quadprog; here an exact active-set QP in torch)",
+    host_syncs=None,
 )
 class UPGrad(GramianWeighting):
     """UPGrad: project every row of ``J`` onto the dual cone of the rows, then average.
@@ -208,6 +211,7 @@ class UPGrad(GramianWeighting):
     paper="Lopez-Paz & Ranzato, GEM, NeurIPS 2017 (Eq. 11); Quinton & Rey, arXiv:2406.16232",
     description="Projection of the mean gradient onto the dual cone of the task gradients.",
     reference="torchjd 0.18 aggregation.DualProj (quadprog; here an exact active-set QP in torch)",
+    host_syncs=None,
 )
 class DualProj(GramianWeighting):
     """DualProj: project the (preference-weighted) mean gradient onto the dual cone.
@@ -254,6 +258,7 @@ class DualProj(GramianWeighting):
     paper="Liu et al., Conflict-Averse Gradient Descent for Multi-task Learning, NeurIPS 2021",
     description="Maximise the worst task improvement in a ball around the mean gradient.",
     reference="torchjd 0.18 aggregation.CAGrad(c) (cvxpy/CLARABEL; here an exact solve in torch)",
+    host_syncs=None,
 )
 class CAGrad(GramianWeighting):
     """CAGrad: ``d = g_0 + (r / ||g_w||) g_w`` with ``w`` the worst-case weights.
@@ -367,6 +372,7 @@ class IMTLG(GramianWeighting):
     description="Nash bargaining solution G a = 1/a via the official convex-concave procedure.",
     stateful=True,
     reference="AvivNavon/nash-mtl@cce1840 NashMTL; torchjd 0.18 aggregation.NashMTL",
+    host_syncs=None,
 )
 class NashMTL(GramianWeighting):
     """Nash-MTL: weights from the Nash bargaining solution ``G a = 1/a``.
@@ -535,23 +541,23 @@ class AlignedMTL(GramianWeighting):
             if self.pref_vector is None
             else self.pref_vector.to(gramian)
         )
-        lam, V = torch.linalg.eigh(gramian)
+        lam, V = torch.linalg.eigh(gramian)  # ascending eigenvalues
         lam_max = lam.amax()
         tol = lam_max * K * torch.finfo(gramian.dtype).eps
-        keep = lam > tol
-        if not bool(keep.any()):
-            return u
+        keep = lam > tol  # a suffix of the ascending eigenvalues
+        n_kept = keep.sum()
         lam_k = torch.where(keep, lam, torch.ones_like(lam))
         inv_sqrt = torch.where(keep, lam_k.rsqrt(), torch.zeros_like(lam))
-        kept = lam[keep]
+        # Statistics of the kept eigenvalues without boolean indexing (no host sync).
+        first = (K - n_kept).clamp(max=K - 1)
         if self.scale_mode == "min":
-            scale = kept.amin()
-        elif self.scale_mode == "median":
-            scale = kept.median()
+            scale = lam.gather(0, first.reshape(1))[0]
+        elif self.scale_mode == "median":  # torch.median's lower median of the kept values
+            scale = lam.gather(0, (first + (n_kept - 1).clamp(min=0) // 2).reshape(1))[0]
         else:
-            scale = kept.mean()
-        B = scale.sqrt() * (V * inv_sqrt) @ V.T
-        return B @ u
+            scale = torch.where(keep, lam, torch.zeros_like(lam)).sum() / n_kept.clamp(min=1)
+        B = scale.clamp(min=0.0).sqrt() * (V * inv_sqrt) @ V.T
+        return torch.where(n_kept > 0, B @ u, u)
 
 
 @register(
@@ -583,6 +589,7 @@ class AlignedMTLUB(AlignedMTL):
     paper="Ban & Ji, Fair Resource Allocation in Multi-Task Learning, ICML 2024",
     description="alpha-fair allocation: weights solving G w = w^(-1/alpha).",
     reference="torchjd 0.18 aggregation.FairGrad(alpha); OptMN-Lab/fairgrad; LibMTL FairGrad",
+    host_syncs=None,
 )
 class FairGrad(GramianWeighting):
     """FairGrad: weights ``w > 0`` with ``G w = w^(-1/alpha)`` elementwise; ``d = w @ J``.

@@ -56,9 +56,11 @@ def _check_order(name: str, order: str) -> str:
     return order
 
 
-def _visit_order(k: int, random: bool) -> list[int]:
-    """``torch.randperm(k)`` from torch's global RNG, or ``0..k-1``."""
-    return torch.randperm(k).tolist() if random else list(range(k))
+def _visit_order(k: int, random: bool, device: torch.device) -> Tensor:
+    """``torch.randperm(k)`` from torch's global (CPU) RNG, or ``0..k-1``, as a tensor on
+    ``device`` (the order is only ever used to index tensors, never read on the host)."""
+    order = torch.randperm(k) if random else torch.arange(k)
+    return order.to(device)
 
 
 def _check_lazy(name: str, buf: Tensor, shape: torch.Size) -> bool:
@@ -106,17 +108,24 @@ class PCGrad(GramianWeighting):
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         k = gramian.shape[0]
-        eye = torch.eye(k, dtype=gramian.dtype, device=gramian.device)
+        device = gramian.device
+        eye = torch.eye(k, dtype=gramian.dtype, device=device)
         sq_norms = torch.diagonal(gramian)
         safe_sq = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms))
-        total = torch.zeros(k, dtype=gramian.dtype, device=gramian.device)
+        total = torch.zeros(k, dtype=gramian.dtype, device=device)
         for i in range(k):
+            # Rows of G, unit vectors and squared norms in task i's visiting order: indexing by
+            # tensors keeps the loop free of host reads; visiting i itself is a no-op (masked).
+            order = _visit_order(k, self.order == "random", device)
+            rows = gramian.index_select(0, order)
+            units = eye.index_select(0, order)
+            sq = safe_sq.index_select(0, order)
+            other = order != i
             coeffs = eye[i].clone()
-            for j in _visit_order(k, self.order == "random"):
-                if j == i:
-                    continue
-                dot = gramian[j] @ coeffs
-                coeffs = coeffs - eye[j] * torch.where(dot < 0, dot / safe_sq[j], 0.0)
+            for step in range(k):
+                dot = rows[step] @ coeffs
+                conflict = (dot < 0) & other[step]
+                coeffs = coeffs - units[step] * torch.where(conflict, dot / sq[step], 0.0)
             total = total + coeffs
         return total
 
@@ -175,26 +184,34 @@ class GradVac(_StateMixin, GramianWeighting):
         coeffs = eye.clone()
         norms = torch.diagonal(gramian).clamp(min=0.0).sqrt()
         beta, eps = self.beta, self.eps
+        device = gramian.device
         for i in range(k):
             row = coeffs[i].clone()
             dots = row @ gramian  # g_i^PC . g_j for every j
-            others = [j for j in range(k) if j != i]
-            for idx in _visit_order(len(others), self.order == "random"):
-                j = others[idx]
+            others = torch.tensor([j for j in range(k) if j != i], dtype=torch.long)
+            order = others.to(device).index_select(0, _visit_order(k - 1, self.order == "random",
+                                                                    device))
+            units = eye.index_select(0, order)  # one-hot of j, in visiting order
+            rows = gramian.index_select(0, order)
+            norms_o = norms.index_select(0, order)
+            hat_row = phi_hat[i].clone()
+            for step in range(k - 1):
+                unit = units[step]
                 norm_i = (dots * row).sum().clamp(min=0.0).sqrt()
-                phi = dots[j] / (norm_i * norms[j] + eps)
-                target = phi_hat[i, j]
+                phi = (dots * unit).sum() / (norm_i * norms_o[step] + eps)
+                target = (hat_row * unit).sum()
                 root_phi = (1.0 - phi * phi).clamp(min=0.0).sqrt()
                 root_target = (1.0 - target * target).clamp(min=0.0).sqrt()
                 w = (
                     norm_i
                     * (target * root_phi - phi * root_target)
-                    / (norms[j] * root_target + eps)
+                    / (norms_o[step] * root_target + eps)
                 )
                 w = torch.where(phi < target, w, torch.zeros_like(w))
-                row = row + w * eye[j]
-                dots = dots + w * gramian[j]
-                phi_hat[i, j] = (1.0 - beta) * target + beta * phi
+                row = row + w * unit
+                dots = dots + w * rows[step]
+                hat_row = torch.where(unit > 0, (1.0 - beta) * target + beta * phi, hat_row)
+            phi_hat[i] = hat_row
             coeffs[i] = row
         self._set_state("phi_hat", phi_hat)
         return coeffs.sum(dim=0)
@@ -354,7 +371,7 @@ class DBMTL(_StateMixin, JacobianAggregator):
         if not _check_lazy("db_mtl", buf, jacobian.shape):
             buf = torch.zeros_like(jacobian)
         self.step += 1
-        rate = self.beta / float(int(self.step)) ** self.beta_sigma
+        rate = self.beta / self.step.to(jacobian.dtype).pow(self.beta_sigma)
         buf = grads + rate * (buf - grads)
         self._set_state("grad_buffer", buf)
         norms = torch.linalg.vector_norm(buf, dim=1)
@@ -418,12 +435,12 @@ class MoCo(_StateMixin, JacobianAggregator):
         if not _check_lazy("moco", y, jacobian.shape):
             y = torch.zeros_like(jacobian)
         self.step += 1
-        t = float(int(self.step))
-        y = y - (self.beta / t**self.beta_sigma) * (y - h)
+        t = self.step.to(jacobian.dtype)
+        y = y - (self.beta / t.pow(self.beta_sigma)) * (y - h)
         k = self.n_tasks
         eye = torch.eye(k, dtype=jacobian.dtype, device=jacobian.device)
         lambd = self._state("lambd", jacobian)
-        rate = self.gamma / t**self.gamma_sigma
+        rate = self.gamma / t.pow(self.gamma_sigma)
         lambd = torch.softmax(lambd - rate * ((y @ y.T + self.rho * eye) @ lambd), dim=-1)
         self._set_state("y", y)
         self._set_state("lambd", lambd)
@@ -474,17 +491,17 @@ class GradNorm(_StateMixin, JacobianAggregator):
     def _renormalise(self) -> None:
         w = self.loss_weights.clamp(min=0.0)
         total = w.sum()
-        if bool(torch.isfinite(total)) and float(total) > 0:
-            self.loss_weights.copy_(w * (self.n_tasks / total))
-        else:
-            self.loss_weights.fill_(1.0)
+        ok = torch.isfinite(total) & (total > 0)
+        scaled = w * (self.n_tasks / torch.where(ok, total, torch.ones_like(total)))
+        self.loss_weights.copy_(torch.where(ok, scaled, torch.ones_like(w)))
 
     def _combine(self, jacobian: Tensor, losses: Tensor | None) -> Tensor:
         losses = _losses_of(self, losses).detach()
         self._renormalise()
-        if not bool(self.has_initial):
-            self._set_state("initial_losses", losses.clamp(min=1e-20).clone())
-            self.has_initial.fill_(True)
+        first = losses.clamp(min=1e-20)
+        initial = torch.where(self.has_initial, self._state("initial_losses", losses), first)
+        self._set_state("initial_losses", initial.clone())
+        self.has_initial.fill_(True)
         norms = torch.linalg.vector_norm(jacobian.detach(), dim=1)
         ratio = losses / self._state("initial_losses", losses)
         rel = ratio / ratio.mean().clamp(min=1e-20)
@@ -593,11 +610,9 @@ class CRMOGM(_StateMixin, GramianWeighting):
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         w_hat = _weights_of(self.base, gramian, losses)
         self.base.last_weights = w_hat.detach()
-        if bool(self.has_smoothed):
-            w = self.alpha * self._state("smoothed", gramian) + (1.0 - self.alpha) * w_hat
-        else:
-            w = w_hat
-            self.has_smoothed.fill_(True)
+        smoothed = self.alpha * self._state("smoothed", gramian) + (1.0 - self.alpha) * w_hat
+        w = torch.where(self.has_smoothed, smoothed, w_hat)
+        self.has_smoothed.fill_(True)
         self._set_state("smoothed", w.clone())
         return w
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -150,6 +151,9 @@ class _EpochMixin(_StateMixin):
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
         self.register_buffer("epoch_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("epoch_loss_sum", torch.zeros(n_tasks))
+
+        if steps_per_epoch is not None:  # closing epochs by count reads the counter each step
+            self.info = replace(type(self).info, host_syncs=2)
 
     @property
     def current_epoch(self) -> int:
@@ -293,13 +297,11 @@ class DWA(_EpochMixin, LossWeighting):
 
     def weights(self, losses: Tensor | None) -> Tensor:
         losses = _losses_of(self, losses)
-        if self.current_epoch >= 2:
-            last = self._state("last_avg", losses)
-            prev = self._state("prev_avg", losses)
-            ratio = last / prev.clamp(min=_LOSS_FLOOR)
-            w = self.n_tasks * torch.softmax(ratio / self.T, dim=-1)
-        else:
-            w = torch.ones_like(losses)
+        last = self._state("last_avg", losses)
+        prev = self._state("prev_avg", losses)
+        ratio = last / prev.clamp(min=_LOSS_FLOOR)
+        dynamic = self.n_tasks * torch.softmax(ratio / self.T, dim=-1)
+        w = torch.where(self.epoch >= 2, dynamic, torch.ones_like(losses))
         self._track(losses)
         return w
 
@@ -541,31 +543,30 @@ class STCH(_EpochMixin, LossWeighting):
         self._init_epochs(n_tasks, steps_per_epoch)
         self.register_buffer("nadir", torch.ones(n_tasks))
 
-    def _smooth(self) -> bool:
-        return self.current_epoch > self.warmup_epoch
+    def _smooth(self) -> Tensor:
+        """Whether this step is in the smooth phase (a bool tensor: no host read)."""
+        return self.epoch > self.warmup_epoch
 
     def _log_terms(self, losses: Tensor) -> Tensor:
         return torch.log(_floor(losses) / self._state("nadir", losses) + 1e-20)
 
     def weights(self, losses: Tensor | None) -> Tensor:
         losses = _losses_of(self, losses)
-        if self._smooth():
-            nadir = self._state("nadir", losses)
-            soft = torch.softmax(self._log_terms(losses) / self.mu, dim=-1)
-            w = self.n_tasks * soft / (_floor(losses) + 1e-20 * nadir)
-        else:
-            w = 1.0 / (losses + 1e-20)
+        nadir = self._state("nadir", losses)
+        soft = torch.softmax(self._log_terms(losses) / self.mu, dim=-1)
+        smooth_w = self.n_tasks * soft / (_floor(losses) + 1e-20 * nadir)
+        w = torch.where(self._smooth(), smooth_w, 1.0 / (losses + 1e-20))
         self._track(losses)
         return w
 
     def objective(self, losses: Tensor) -> Tensor:
         smooth = self._smooth()  # the phase of this step (weights() may close the epoch)
         self.last_weights = self.weights(losses.detach()).detach()
-        if not smooth:
-            return torch.log(losses + 1e-20).sum()
+        warm = torch.log(losses + 1e-20).sum()
         terms = self._log_terms(losses)
         shifted = (terms - terms.detach().max()) / self.mu
-        return self.mu * torch.log(torch.exp(shifted).sum()) * self.n_tasks
+        tcheby = self.mu * torch.log(torch.exp(shifted).sum()) * self.n_tasks
+        return torch.where(smooth, tcheby, warm)
 
     def _on_epoch_end(self, average: Tensor) -> None:
         if self.current_epoch == self.warmup_epoch:
@@ -649,6 +650,8 @@ class GO4Align(_StateMixin, LossWeighting):
         if not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"go4align: num_groups must be a positive int, got {num_groups!r}")
         self.num_groups = num_groups
+        if num_groups > 1 and n_tasks > 1:  # the 1-D clustering runs on the host
+            self.info = replace(type(self).info, host_syncs=1)
         self.robust_step_size = float(robust_step_size)
         self.register_buffer("probs", torch.full((n_tasks,), 1.0 / n_tasks))
 
@@ -736,22 +739,24 @@ class ExcessMTL(_StateMixin, JacobianAggregator):
         self._set_state("sq_grad_sum", total)
         risk = (sq / torch.sqrt(total + 1e-7)).sum(dim=1)
         w = self._state("task_weights", jacobian)
-        step = int(self.n_steps)
+        # Phases as tensor masks (no host read): warm-up, first step after it, later steps.
+        warmup = self.n_steps < self.n_warmup_steps
+        first = ~warmup & ~self.has_initial
         self.n_steps += 1
-        if step < self.n_warmup_steps:
-            self._set_state("warmup_risk_sum", self._state("warmup_risk_sum", risk) + risk)
-        else:
-            if not bool(self.has_initial):
-                if self.n_warmup_steps > 0:
-                    base = self._state("warmup_risk_sum", risk) / self.n_warmup_steps
-                    self._set_state("initial_risk", base)
-                    risk = risk / (base + 1e-7)
-                else:
-                    self._set_state("initial_risk", risk.clone())
-                self.has_initial.fill_(True)
-            else:
-                risk = risk / (self._state("initial_risk", risk) + 1e-7)
-            w = torch.softmax(torch.log(w) + self.robust_step_size * risk, dim=0)
-            self._set_state("task_weights", w)
+        risk_sum = self._state("warmup_risk_sum", risk)
+        risk_sum = torch.where(warmup, risk_sum + risk, risk_sum)
+        self._set_state("warmup_risk_sum", risk_sum)
+        if self.n_warmup_steps > 0:
+            base = risk_sum / self.n_warmup_steps
+            initial = torch.where(first, base, self._state("initial_risk", risk))
+            scaled = risk / (initial + 1e-7)
+        else:  # the first step's risk is the baseline and is used raw
+            initial = torch.where(first, risk, self._state("initial_risk", risk))
+            scaled = torch.where(first, risk, risk / (initial + 1e-7))
+        self._set_state("initial_risk", initial.clone())
+        self.has_initial.logical_or_(~warmup)
+        w_new = torch.softmax(torch.log(w) + self.robust_step_size * scaled, dim=0)
+        w = torch.where(warmup, w, w_new)
+        self._set_state("task_weights", w)
         self.last_weights = w.detach().clone()
         return w @ jacobian

@@ -23,6 +23,7 @@ Solvers:
   simplex QPs it reduces to.
 * :func:`nash_cccp_subproblem`: one convex subproblem of the convex-concave procedure used by the
   official Nash-MTL code (linear objective under the constraints ``a_i (G a)_i >= 1``).
+* :func:`project_to_simplex`: Euclidean projection onto the probability simplex (MoDo, SDMGrad).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "nash_cccp_subproblem",
     "power_equation",
     "project_to_dual_cone",
+    "project_to_simplex",
     "qp_active_set",
 ]
 
@@ -582,3 +584,27 @@ def nash_cccp_subproblem(
             t = t * 8.0
     ok = ok & torch.isfinite(x).all()
     return x, ok
+
+
+# ---------------------------------------------------------------------------------------------
+# Simplex projection
+# ---------------------------------------------------------------------------------------------
+
+
+def project_to_simplex(v: Tensor) -> Tensor:
+    """Euclidean projection of ``v`` (``[..., K]``) onto the probability simplex.
+
+    The sort-based algorithm of Held, Wolfe & Crowder (1974) / Duchi et al. (ICML 2008), the
+    projection the MoDo and SDMGrad reference codes compute (with a Python loop or numpy there):
+    with ``u`` sorted decreasingly and ``rho`` the number of indices with
+    ``u_k > (sum_{j <= k} u_j - 1) / k`` (a prefix), ``theta = (sum_{j <= rho} u_j - 1) / rho``
+    and the projection is ``max(v - theta, 0)``. Fixed-shape tensor operations only: no host
+    synchronisation.
+    """
+    K = v.shape[-1]
+    u, _ = torch.sort(v, dim=-1, descending=True)
+    css = u.cumsum(-1) - 1.0
+    k = torch.arange(1, K + 1, dtype=v.dtype, device=v.device)
+    rho = (u - css / k > 0).sum(-1, keepdim=True).clamp_min(1)
+    theta = css.gather(-1, rho - 1) / rho.to(v.dtype)
+    return (v - theta).clamp_min(0.0)
