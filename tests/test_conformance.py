@@ -11,7 +11,11 @@ and must:
 * resume identically from a ``state_dict`` loaded into a fresh object;
 * reject a Jacobian with the wrong number of rows with a ``ValueError`` naming the shape;
 * carry a paper and a description;
-* (loss weightings) return an objective whose gradient w.r.t. the losses is ``last_weights``.
+* (loss weightings) return an objective whose gradient w.r.t. the losses is ``last_weights``;
+* make no more host synchronisations per ``combine`` call than its capability record declares
+  (``info.host_syncs``), counted with a :class:`torch.overrides.TorchFunctionMode`;
+* (multi-batch methods, protocol ``"extra_batch"``) do all of the above on stacked
+  ``[n_batches, K, P]`` Jacobians too, and reject stacks of the wrong shape.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import polytask.balancers as B
 
@@ -187,3 +192,175 @@ def test_loss_weighting_objective_matches_weights(name: str) -> None:
         if "loss_after_step" in b.info.protocol:
             b.after_step(losses.detach() * 0.9)
         b.epoch_end()
+
+
+# ------------------------------------------------------------------------------------------------
+# host synchronisations
+# ------------------------------------------------------------------------------------------------
+# Tensor methods that copy a value to the host (each one waits for an accelerator).
+_HOST_READS = frozenset(
+    {
+        torch.Tensor.item,
+        torch.Tensor.__bool__,
+        torch.Tensor.__float__,
+        torch.Tensor.__int__,
+        torch.Tensor.__index__,
+        torch.Tensor.tolist,
+        torch.Tensor.numpy,
+        torch.Tensor.cpu,
+    }
+)
+# Methods declaring ``host_syncs=None`` run iterative solvers with host-side convergence tests;
+# their count depends on the input. For K = 3 it must still stay below this cap (which a
+# per-coordinate or per-element host read would exceed at once).
+_ITERATIVE_CAP = 400
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts the host reads made while it is active (including those inside torch functions
+    that dispatch to Python tensor methods)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            self.count += 1
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_sync_counter_counts() -> None:
+    x = torch.ones(3)
+    with HostSyncCounter() as c:
+        float(x.sum())
+        bool(x.all())
+        x.tolist()
+        _ = x * 2 + 1
+    assert c.count == 3, c.calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_host_syncs_within_declared_budget(name: str) -> None:
+    budget = make(name).info.host_syncs
+    worst = 0
+    for dtype in (torch.float32, torch.float64):
+        for kind in ("random", "zero", "colinear", "opposite", "tiny", "huge"):
+            torch.manual_seed(0)
+            b = make(name)
+            jac = _case(kind, dtype)
+            for s in range(STEPS):
+                with HostSyncCounter() as counter:
+                    b.combine(jac * (1 + 0.1 * s), _losses(dtype, K, s))
+                worst = max(worst, counter.count)
+                limit = _ITERATIVE_CAP if budget is None else budget
+                assert counter.count <= limit, (
+                    f"{name} made {counter.count} host reads on {kind} ({dtype}), declared "
+                    f"host_syncs={budget}: {counter.calls}"
+                )
+                if "loss_after_step" in b.info.protocol:
+                    b.after_step(_losses(dtype, K, s) * 0.9)
+                b.epoch_end()
+    if budget is None:  # an iterative method that never syncs should declare a number
+        assert worst > 0, f"{name} declares host_syncs=None but made no host read"
+
+
+def test_closed_form_methods_make_no_host_sync() -> None:
+    """The declared budgets: every method without an iterative solver needs none."""
+    iterative = {n for n in NAMES if B.info(n).host_syncs is None}
+    assert iterative <= {
+        "amortized", "cagrad", "dualproj", "fairgrad", "mgda", "mgda_ub", "nash_mtl", "upgrad"
+    }, iterative
+    for n in set(NAMES) - iterative:
+        assert B.info(n).host_syncs == 0, n
+
+
+# ------------------------------------------------------------------------------------------------
+# multi-batch methods (protocol "extra_batch"): stacked [n_batches, K, P] Jacobians
+# ------------------------------------------------------------------------------------------------
+MULTI = [n for n in NAMES if B.info(n).n_batches > 1]
+
+
+def test_extra_batch_protocol_matches_n_batches() -> None:
+    assert {"modo", "sdmgrad"} <= set(MULTI)
+    for n in NAMES:
+        rec = B.info(n)
+        assert (rec.n_batches > 1) == ("extra_batch" in rec.protocol), n
+        if rec.n_batches > 1:
+            assert issubclass(rec.cls, B.MultiBatchWeighting), n
+            assert rec.modes == ("params",), n
+
+
+def _stack(kind: str, dtype: torch.dtype, n_batches: int, step: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(50 + step)
+    noise = torch.randn(n_batches, K, P, generator=g, dtype=torch.float64).to(dtype)
+    base = _case(kind, dtype)
+    return base.unsqueeze(0) * (1 + 0.1 * step) + 0.3 * base.abs().amax() * noise
+
+
+def _stacked_step(b: B.Balancer, stack: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+    out = b.combine(stack, losses.unsqueeze(0).expand(stack.shape[0], -1))
+    b.epoch_end()
+    return out
+
+
+@pytest.mark.parametrize("name", MULTI)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kind", ["random", "zero", "zero_row", "colinear", "opposite", "tiny", "huge"]
+)
+def test_stacked_finite_shape_dtype_and_syncs(name: str, dtype: torch.dtype, kind: str) -> None:
+    torch.manual_seed(0)
+    b = make(name)
+    for s in range(STEPS):
+        stack = _stack(kind, dtype, b.info.n_batches, s)
+        with HostSyncCounter() as counter:
+            out = _stacked_step(b, stack, _losses(dtype, K, s))
+        assert counter.count <= b.info.host_syncs, counter.calls
+        assert out.shape == (P,) and out.dtype == dtype
+        assert torch.isfinite(out).all(), f"{name} on stacked {kind} ({dtype}): {out}"
+        assert b.last_weights.shape == (K,) and torch.isfinite(b.last_weights).all()
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_stacked_direction_is_a_combination_of_all_rows(name: str) -> None:
+    """combine([B, K, P]) == W.flatten() @ rows with W from the block Gramian."""
+    torch.manual_seed(0)
+    a, c = make(name), make(name)
+    stack = _stack("random", torch.float64, a.info.n_batches, 0)
+    out = a.combine(stack)
+    rows = stack.reshape(-1, P)
+    w = c.weights_from_batch_gramian((rows @ rows.T).reshape(stack.shape[0], K, -1, K), None)
+    torch.testing.assert_close(out, w.reshape(-1) @ rows)
+    torch.testing.assert_close(a.last_weights, w.sum(0))
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_stacked_state_dict_round_trip_and_determinism(name: str) -> None:
+    dtype = torch.float64
+    torch.manual_seed(5)
+    original = make(name)
+    n = original.info.n_batches
+    for s in range(3):
+        _stacked_step(original, _stack("random", dtype, n, s), _losses(dtype, K, s))
+    state = copy.deepcopy(original.state_dict())
+    expected = [_stacked_step(original, _stack("random", dtype, n, s), _losses(dtype, K, s))
+                for s in (3, 4)]
+    fresh = make(name)
+    fresh.load_state_dict(state)
+    got = [_stacked_step(fresh, _stack("random", dtype, n, s), _losses(dtype, K, s))
+           for s in (3, 4)]
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MULTI)
+def test_stacked_wrong_shape_is_an_error(name: str) -> None:
+    b = make(name)
+    n = b.info.n_batches
+    with pytest.raises(ValueError, match=rf"\[{n}, {K}, P\]"):
+        b.combine(torch.randn(n + 1, K, P))
+    with pytest.raises(ValueError, match=rf"\[{n}, {K}\]"):
+        b.combine(torch.randn(n, K, P), torch.ones(K))

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._base import GramianWeighting, create, info, register
+from ._base import GramianWeighting, create, register, single_batch_protocol
 from ._losses import _StateMixin
 
 __all__ = ["Amortized"]
@@ -80,13 +80,14 @@ class Amortized(_StateMixin, GramianWeighting):
         self.every = every
         self.step = 0
         self.register_buffer("cached", torch.zeros(n_tasks))
-        base_info = info(base)
+        base_info = inner.info
         self.info = replace(
             type(self).info,
             learnable=base_info.learnable,
-            protocol=base_info.protocol,
+            protocol=single_batch_protocol(base_info.protocol),
             modes=base_info.modes,
             mode=base_info.mode,
+            host_syncs=base_info.host_syncs,
         )
 
     def reuse_weights(self) -> Tensor | None:

@@ -168,6 +168,17 @@ def register(
     return deco
 
 
+def single_batch_protocol(protocol: tuple[str, ...]) -> tuple[str, ...]:
+    """``protocol`` without ``"extra_batch"``: for wrappers that call a multi-batch method through
+    its single-batch form (``weights_from_gramian`` / ``combine`` on one ``[K, P]`` Jacobian)."""
+    return tuple(p for p in protocol if p != "extra_batch")
+
+
+def sum_host_syncs(counts: list[int | None]) -> int | None:
+    """Host-sync budget of a wrapper calling each member once: the sum, ``None`` if any is."""
+    return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
+
+
 def available() -> list[str]:
     """Sorted canonical names of every registered balancer."""
     return sorted(_REGISTRY)
@@ -237,10 +248,10 @@ class Balancer(nn.Module):
         """
         return None
 
-    def after_step(self, losses: Tensor) -> None:  # noqa: B027 - optional hook
+    def after_step(self, losses: Tensor) -> None:
         """Called with the losses re-evaluated after the optimiser step (``loss_after_step``)."""
 
-    def epoch_end(self) -> None:  # noqa: B027 - optional hook
+    def epoch_end(self) -> None:
         """Called by the trainer at the end of every training epoch (e.g. DWA's loss history)."""
 
     # -- to implement ---------------------------------------------------------------------

@@ -859,7 +859,7 @@ class ConFIG(JacobianAggregator):
         # pinv(units) @ pref = Vh^T diag(s^+) Uh^T pref  =  units^T (Uh diag(s^+^2) Uh^T pref)
         Uh, S, Vh = torch.linalg.svd(units, full_matrices=False)
         cutoff = max(units.shape) * torch.finfo(dtype).eps * S.amax()
-        s_inv = torch.where(S > cutoff, 1.0 / S.clamp_min(tiny), torch.zeros_like(S))
+        s_inv = torch.where(cutoff < S, 1.0 / S.clamp_min(tiny), torch.zeros_like(S))
         coeff_u = Uh @ (s_inv * s_inv * (Uh.T @ pref))  # best = coeff_u @ units
         best = Vh.T @ (s_inv * (Uh.T @ pref))
         best_norm = best.norm()

@@ -27,8 +27,9 @@ from ._base import (
     LossWeighting,
     Needs,
     create,
-    info,
     register,
+    single_batch_protocol,
+    sum_host_syncs,
 )
 from ._losses import _backward_into, _losses_of, _safe_div, _StateMixin
 
@@ -598,13 +599,14 @@ class CRMOGM(_StateMixin, GramianWeighting):
         self.base = _as_weighting("cr_mogm", create(base, n_tasks, **(base_hparams or {})))
         self.register_buffer("smoothed", torch.zeros(n_tasks))
         self.register_buffer("has_smoothed", torch.zeros((), dtype=torch.bool))
-        base_info = info(base)
+        base_info = self.base.info
         self.info = replace(
             type(self).info,
             learnable=base_info.learnable,
-            protocol=base_info.protocol,
+            protocol=single_batch_protocol(base_info.protocol),
             modes=base_info.modes,
             mode=base_info.mode,
+            host_syncs=base_info.host_syncs,
         )
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
@@ -644,8 +646,8 @@ def _info_of(b: Balancer) -> BalancerInfo | None:
 def _merged_info(name: str, parts: Sequence[Balancer], description: str) -> BalancerInfo:
     infos = [i for i in (_info_of(p) for p in parts) if i is not None]
     protocol: list[str] = []
-    for i in infos:
-        protocol += [x for x in i.protocol if x not in protocol]
+    for i in infos:  # members are called through their single-batch form
+        protocol += [x for x in single_batch_protocol(i.protocol) if x not in protocol]
     modes = ("params", "representation")
     for i in infos:
         modes = tuple(m for m in modes if m in i.modes)
@@ -663,6 +665,7 @@ def _merged_info(name: str, parts: Sequence[Balancer], description: str) -> Bala
         hparams={},
         reference="; ".join(i.reference for i in infos if i.reference),
         mode=mode,
+        host_syncs=sum_host_syncs([i.host_syncs for i in infos]),
     )
 
 

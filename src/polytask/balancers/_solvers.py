@@ -247,7 +247,6 @@ def project_to_dual_cone(gramian: Tensor, U: Tensor) -> Tensor:
 # G a = a^(-1/p)  (FairGrad, Nash bargaining)
 # ---------------------------------------------------------------------------------------------
 
-_DEBUG = False
 _LS_STEPS = 12  # candidate step sizes 1, 1/2, ..., 2^-11 evaluated at once
 
 
@@ -441,8 +440,6 @@ def cagrad_weights(
         w = x[0]
         fr = free[0]
         a, cc = _affine_parts(G, b, fr, float(ridge))
-        if _DEBUG:
-            print('s', float(s), 'free', fr.tolist(), 'w', w.tolist(), 'psi', float(psi(w, s)), 'r', float(r))
         qa = a @ G @ a
         qc = cc @ G @ cc
         num = r * r - qc
@@ -450,8 +447,6 @@ def cagrad_weights(
         if valid:
             s_star = (num / qa).sqrt()
             w_star = a + cc / s_star
-            if _DEBUG:
-                print('  s_star', float(s_star), 'w_star', w_star.tolist(), 'qa', float(qa), 'qc', float(qc), 'kkt', bool(kkt_ok(w_star, s_star, fr)))
             if bool(s_star <= s_max) and bool(kkt_ok(w_star, s_star, fr)):
                 result = (w_star.clamp_min(0.0), s_star)
                 break
