@@ -72,8 +72,12 @@ def test_params_mode_gradients(name, use_features):
 
 
 def _gradient_methods():
-    return [n for n in balancers.available() if balancers.info(n).needs != "losses"
-            and "extra_batch" not in balancers.info(n).protocol]
+    """Every method that needs gradients; extra_batch methods run here in single-batch form."""
+    return [n for n in balancers.available() if balancers.info(n).needs != "losses"]
+
+
+def _multi_batch_methods():
+    return [n for n in balancers.available() if balancers.info(n).n_batches > 1]
 
 
 @pytest.mark.parametrize("name", _gradient_methods())
@@ -193,3 +197,28 @@ def test_extra_loss_reaches_parameters():
     torch.testing.assert_close(
         _flat_grad(enc), jac.sum(0) + torch.cat([g.flatten() for g in expected_aux]), rtol=1e-5, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("name", _multi_batch_methods())
+def test_stacked_batches_match_combine_on_per_batch_jacobians(name):
+    """mtl_backward over B batches with stack_batches(b) == b.combine([B, K, P]); each head gets
+    the sum of its task's gradients over the B batches."""
+    n = balancers.info(name).n_batches
+    enc, heads, _, _ = _setup(k=3, seed=2)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(7, 5, generator=g) for _ in range(n)]
+    ys = [torch.randn(3, 7, generator=g) for _ in range(n)]
+    refs = [_reference(enc, heads, x, y) for x, y in zip(xs, ys)]
+    stack = torch.stack([r[0] for r in refs])  # [B, K, P]
+    expected = balancers.create(name, 3).combine(stack, torch.stack([r[2] for r in refs]))
+    _zero(enc, heads)
+    ls = [_losses(enc, heads, x, y)[1] for x, y in zip(xs, ys)]
+    bal = balancers.create(name, 3)
+    weights = polytask.mtl_backward(
+        torch.cat(ls), shared_params=enc.parameters(), balancer=balancers.stack_batches(bal)
+    )
+    torch.testing.assert_close(_flat_grad(enc), expected, rtol=1e-5, atol=1e-7)
+    assert weights.shape == (n * 3,) and bal.last_weights.shape == (3,)
+    for t, h in enumerate(heads):
+        for pi, p in enumerate(h.parameters()):
+            torch.testing.assert_close(p.grad, sum(r[1][t][pi] for r in refs))
