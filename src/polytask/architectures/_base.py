@@ -17,8 +17,8 @@ gives that contract a base class; architectures in the registry subclass it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -56,31 +56,89 @@ class MultiTaskModel(nn.Module):
             raise KeyError(f"unknown task {task!r}; the model has tasks {self.task_names}")
 
 
+Representation = Literal["always", "config", "never"]
+Compile = Literal["fullgraph", "graph_breaks", "unsupported"]
+
+
 @dataclass(frozen=True)
 class ArchitectureInfo:
-    """Registry record of an architecture."""
+    """Registry record of an architecture: what it is and what it can do.
+
+    Attributes:
+        name: registry name (what configs select).
+        factory: the class (or function) :func:`create` calls.
+        paper: citation of the paper the architecture comes from.
+        description: one line for ``polytask list``.
+        needs_staged_encoder: it acts between the stages of an encoder with
+            ``stages: nn.ModuleList`` (see :class:`~polytask.architectures.Stages`).
+        representation: whether ``encode`` gives an exact common representation for the
+            engine's ``features`` / ``mode="representation"``: ``"always"``, ``"config"``
+            (depends on the hyperparameters; ``encode`` raises ``NotImplementedError`` naming the
+            reason where it has none) or ``"never"``.
+        gates: the model records ``last_gate_weights`` (softmax/routing weights whose rows sum
+            to 1) on every forward.
+        auxiliary_loss: ``auxiliary_loss()`` returns a regulariser to add to the objective
+            (the trainer passes it to :func:`polytask.mtl_backward` as ``extra_loss``).
+        multi_input: accepts multi-input batches ``{task: x_task}`` (a separate input per task).
+        compile: ``torch.compile`` status of the default configuration: ``"fullgraph"`` (one
+            graph, ``fullgraph=True`` works), ``"graph_breaks"`` (compiles, with graph breaks;
+            see ``compile_note``) or ``"unsupported"``.
+        compile_note: what breaks the graph, and how to avoid it.
+    """
 
     name: str
     factory: Callable[..., MultiTaskModel]
     paper: str
     description: str
     needs_staged_encoder: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    representation: Representation = "never"
+    gates: bool = False
+    auxiliary_loss: bool = False
+    multi_input: bool = True
+    compile: Compile = "fullgraph"
+    compile_note: str = ""
 
 
 _REGISTRY: dict[str, ArchitectureInfo] = {}
 
 
 def register(
-    name: str, *, paper: str, description: str, needs_staged_encoder: bool = False
+    name: str,
+    *,
+    paper: str,
+    description: str,
+    needs_staged_encoder: bool = False,
+    representation: Representation = "never",
+    gates: bool = False,
+    auxiliary_loss: bool = False,
+    multi_input: bool = True,
+    compile: Compile = "fullgraph",
+    compile_note: str = "",
 ) -> Callable[[Callable[..., MultiTaskModel]], Callable[..., MultiTaskModel]]:
-    """Decorator registering an architecture class (or factory) under ``name``."""
+    """Decorator registering an architecture class (or factory) under ``name`` with its
+    capability record (see :class:`ArchitectureInfo`)."""
+    if representation not in ("always", "config", "never"):
+        raise ValueError(f"representation must be always/config/never, got {representation!r}")
+    if compile not in ("fullgraph", "graph_breaks", "unsupported"):
+        raise ValueError(f"compile must be fullgraph/graph_breaks/unsupported, got {compile!r}")
+    if compile != "fullgraph" and not compile_note:
+        raise ValueError(f"architecture {name!r}: say what breaks torch.compile (compile_note)")
 
     def deco(factory: Callable[..., MultiTaskModel]) -> Callable[..., MultiTaskModel]:
         if name in _REGISTRY:
             raise ValueError(f"architecture {name!r} is already registered")
         _REGISTRY[name] = ArchitectureInfo(
-            name, factory, paper, description, needs_staged_encoder
+            name,
+            factory,
+            paper,
+            description,
+            needs_staged_encoder=needs_staged_encoder,
+            representation=representation,
+            gates=gates,
+            auxiliary_loss=auxiliary_loss,
+            multi_input=multi_input,
+            compile=compile,
+            compile_note=compile_note,
         )
         return factory
 

@@ -8,8 +8,10 @@ each task's input is its own batch). Architectures compute only what task ``t`` 
 ``x_t``. A mapping whose keys are not all task names is a single batch handed to the encoder as is
 (encoders may take dicts).
 
-For multi-input batches ``encode`` returns ``{task: features}`` and ``decode`` takes such a dict;
-``last_gate_weights`` keys are prefixed with ``"<task>:"``.
+A multi-input batch has one representation per task (each task's own input), not one tensor
+that every task reads, so ``encode`` raises :class:`NotImplementedError` on it: train
+multi-input batches in the engine's params mode (the trainer falls back to ``model(x)`` there).
+``last_gate_weights`` keys of a multi-input forward are prefixed with ``"<task>:"``.
 
 **Representation contract.** Where ``encode`` exists it is *exact* for the engine
 (:func:`polytask.mtl_backward` with ``features``): (1) only shared parameters feed the features,
@@ -167,6 +169,8 @@ class _Model(MultiTaskModel):
     """
 
     _has_encode: bool = False
+    #: ``decode`` reads what ``encode`` remembered (``ctx``), so it must follow ``encode``.
+    _decode_needs_ctx: bool = True
     #: how auxiliary losses of the per-task runs of a multi-input batch combine.
     _aux_reduce: str = "sum"
 
@@ -174,6 +178,7 @@ class _Model(MultiTaskModel):
         super().__init__()
         self._last_aux: Tensor | None = None
         self._ctx: Any = None
+        self._has_ctx = False
         self.last_gate_weights: dict[str, Tensor] = {}
 
     # -- subclass hooks -------------------------------------------------------------------------
@@ -204,7 +209,7 @@ class _Model(MultiTaskModel):
         self.last_gate_weights = gates
         return out
 
-    def encode(self, x: Any) -> Any:
+    def encode(self, x: Any) -> Tensor:
         reason = self._no_representation()
         if reason is not None:
             raise NotImplementedError(
@@ -212,30 +217,28 @@ class _Model(MultiTaskModel):
                 "use the engine's 'params' mode without features"
             )
         if is_multi_input(x, self.task_names):
-            feats, ctxs = {}, {}
-            for t, xt in x.items():
-                feats[t], ctxs[t] = self._encode(xt, (t,))
-            self._ctx = ("multi", ctxs)
-            return feats
+            raise NotImplementedError(
+                f"{type(self).__name__}: a multi-input batch (one input per task) has one "
+                "representation per task, not one tensor that every task reads; use the engine's "
+                "'params' mode without features for multi-input batches"
+            )
         feats, ctx = self._encode(x, tuple(self.task_names))
-        self._ctx = ("single", ctx)
+        self._ctx = ctx
+        self._has_ctx = True
         return feats
 
-    def decode(self, features: Any) -> dict[str, Tensor]:
+    def decode(self, features: Tensor) -> dict[str, Tensor]:
         reason = self._no_representation()
         if reason is not None:
             raise NotImplementedError(f"{type(self).__name__} has no decode ({reason})")
-        if self._ctx is None:
+        if not isinstance(features, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}.decode takes the tensor encode returned, "
+                f"got {type(features).__name__}"
+            )
+        if self._decode_needs_ctx and not self._has_ctx:
             raise RuntimeError(f"{type(self).__name__}.decode must follow encode of the same batch")
-        kind, ctx = self._ctx
-        if isinstance(features, Mapping):
-            if kind != "multi" or set(features) - set(ctx):
-                raise RuntimeError("decode got per-task features that encode did not produce")
-            results = {t: self._decode(f, ctx[t], (t,)) for t, f in features.items()}
-            return self._merge(results)
-        if kind != "single":
-            raise RuntimeError("decode got one tensor after a multi-input encode")
-        out, aux, gates = self._decode(features, ctx, tuple(self.task_names))
+        out, aux, gates = self._decode(features, self._ctx, tuple(self.task_names))
         self._last_aux = aux
         self.last_gate_weights = gates
         return out

@@ -17,6 +17,7 @@ from ._common import Result, _Model, check_heads, pack, unique_params, unpack
     paper="Ma et al., 'Entire Space Multi-Task Model: An Effective Approach for Estimating "
     "Post-Click Conversion Rate', SIGIR 2018",
     description="Shared embedding, CTR and CVR towers; outputs pCTR and pCTCVR = pCTR * pCVR.",
+    representation="always",
 )
 class ESMM(_Model):
     """Entire space multi-task model (Ma et al., SIGIR 2018).

@@ -19,6 +19,7 @@ from ._common import Result, _Model, check_heads, reset_parameters, unique_param
     "ltb",
     paper="Guo, Lee & Ulbricht, 'Learning to Branch for Multi-Task Learning', ICML 2020",
     description="Tree of stage copies; each node picks its parent by Gumbel-softmax.",
+    gates=True,
     needs_staged_encoder=True,
 )
 class LearningToBranch(_Model):

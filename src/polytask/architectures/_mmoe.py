@@ -34,6 +34,8 @@ def mix_experts(weights: Tensor, stacked: Tensor) -> Tensor:
     paper="Ma et al., 'Modeling Task Relationships in Multi-task Learning with Multi-gate "
     "Mixture-of-Experts', KDD 2018",
     description="Shared experts mixed by one softmax gate per task, then a tower per task.",
+    representation="config",
+    gates=True,
 )
 class MMoE(_Model):
     """Multi-gate mixture of experts (Ma et al., KDD 2018).
@@ -210,6 +212,9 @@ class DSelectKGate(nn.Module):
     paper="Hazimeh et al., 'DSelect-k: Differentiable Selection in the Mixture of Experts with "
     "Applications to Multi-Task Learning', NeurIPS 2021",
     description="MMoE with differentiable sparse (k non-zero) smooth-step gates.",
+    representation="config",
+    gates=True,
+    auxiliary_loss=True,
 )
 class DSelectK(MMoE):
     """DSelect-k mixture of experts (Hazimeh et al., NeurIPS 2021).

@@ -22,6 +22,14 @@ MASK_KEY = "modality_mask"
     "Shazeer, 'Switch Transformers', JMLR 2022; shared experts as in Dai et al., 'DeepSeekMoE', "
     "2024; missing-modality routing after dual-routing MoE for modality-missing classification",
     description="Top-k routed experts + always-on shared experts, load balancing, modality masks.",
+    representation="always",
+    gates=True,
+    auxiliary_loss=True,
+    compile="graph_breaks",
+    compile_note=(
+        "dispatch='sparse' (the default) gathers each expert's units with nonzero(), a "
+        "data-dependent shape that breaks the graph there; dispatch='dense' compiles in one graph"
+    ),
 )
 class RoutedMoE(_Model):
     """Routed mixture of experts shared by all tasks, with per-task heads.

@@ -32,6 +32,8 @@ _PAPER = (
     "ple",
     paper=_PAPER,
     description="Stacked extraction layers of shared and task-specific experts with gates.",
+    representation="config",
+    gates=True,
 )
 class PLE(_Model):
     """Progressive layered extraction (Tang et al., RecSys 2020).
@@ -269,6 +271,8 @@ class PLE(_Model):
     "cgc",
     paper=_PAPER,
     description="Customized gate control: shared and task-specific experts, one gate per task.",
+    representation="config",
+    gates=True,
 )
 class CGC(PLE):
     """Customized gate control (Tang et al., RecSys 2020): single-level :class:`PLE`.

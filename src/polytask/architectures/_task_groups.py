@@ -19,6 +19,7 @@ from ._common import Result, _Model, check_heads, pack, reset_parameters, unique
     "Together in Multi-task Learning?', ICML 2020; Fifty et al., 'Efficiently Identifying Task "
     "Groupings for Multi-Task Learning', NeurIPS 2021",
     description="Shared trunk, then one copy of the remaining stages per user-given task group.",
+    representation="config",
     needs_staged_encoder=True,
 )
 class TaskGroups(_Model):
