@@ -35,7 +35,9 @@ Peak memory: each variant runs two steps under ``torch.profiler`` with ``profile
 the c10 CPU allocator reports every allocation and free, and the peak of the running sum during the
 second step, minus its value when that step starts, is the step's peak *additional* tensor memory
 (frees of tensors made by the first step are credited; memory held by numpy/cvxpy solvers is not
-seen). Reported as a ratio to the same number for the baseline step.
+seen). Added to it is what the step starts with: the parameters, their gradients and the optimiser
+state. That total, the step's peak tensor memory, is reported as a ratio to the same number for
+the baseline step.
 
 Also printed per K: the analytic FLOP bounds (the ``K`` vector-Jacobian products through the
 encoder w.r.t. activations that an exact per-task method cannot avoid, relative to the sum step;
@@ -554,7 +556,29 @@ def _quiet_stderr_fd() -> Iterator[None]:
 _MARK = "__step_cost_measured_step__"
 
 
+def _resident_bytes(variant: Variant) -> int:
+    """Tensor memory held between steps: parameters, their gradients and optimiser state."""
+    params = [p for g in variant.opt.param_groups for p in g["params"]]
+    held = {p.data_ptr(): p.numel() * p.element_size() for p in params}
+    for p in params:
+        if p.grad is not None:
+            held[p.grad.data_ptr()] = p.grad.numel() * p.grad.element_size()
+    for state in variant.opt.state.values():
+        for v in state.values():
+            if isinstance(v, Tensor):
+                held[v.data_ptr()] = v.numel() * v.element_size()
+    return sum(held.values())
+
+
 def peak_step_bytes(variant: Variant) -> int:
+    """Peak tensor memory of one step: what is held between steps (parameters, gradients,
+    optimiser state) plus the peak of the additional allocations during the step (see the
+    module docstring)."""
+    variant.step()
+    return _resident_bytes(variant) + _peak_additional_bytes(variant)
+
+
+def _peak_additional_bytes(variant: Variant) -> int:
     """Peak additional CPU tensor memory of one step (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -1028,8 +1052,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "seed": args.seed, "torch": torch.__version__, "torchjd": _version("torchjd"),
             "polytask": polytask.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "libmtl": getattr(libmtl, "__file__", None),
-            "memory_method": "torch.profiler profile_memory: peak of the running allocation sum "
-                             "during the second of two profiled steps, minus its start value",
+            "memory_method": "parameters + gradients + optimiser state held at the step start, "
+                             "plus the torch.profiler profile_memory peak of the running allocation "
+                             "sum during the second of two profiled steps minus its start value",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "polytask_available": sorted(available),
             "argv": list(sys.argv[1:] if argv is None else argv),

@@ -199,3 +199,13 @@ def test_amortized_reuse_step_is_one_backward_with_cached_weights(mode):
 def test_amortized_rejects_jacobian_methods():
     with pytest.raises(ValueError, match="not a Gramian weighting"):
         balancers.create("amortized", K, base="config")
+
+
+def test_layer_gramian_chunks_equal_one_shot(monkeypatch):
+    from polytask import _fast
+
+    a = torch.randn(50, 7, dtype=torch.float64)
+    g = torch.randn(9, 50, 3, dtype=torch.float64)
+    full = torch.cat([torch.einsum("kno,ni->koi", g, a).reshape(9, -1), g.sum(1)], 1)
+    monkeypatch.setattr(_fast, "_CHUNK_ELEMENTS", 300)  # 2 tasks per chunk
+    torch.testing.assert_close(_fast._layer_gramian(a, g, True), full @ full.T)

@@ -84,6 +84,10 @@ def capture_linear_layers(
     return LinearCapture(mods)
 
 
+#: Largest temporary (in elements) the Gramian contraction makes at once (16 MiB of float32).
+_CHUNK_ELEMENTS = 1 << 22
+
+
 def _layer_gramian(a: Tensor, g: Tensor, has_bias: bool) -> Tensor:
     """``[K, K]`` Gramian of a linear layer's per-task (weight, bias) gradients."""
     k, n, d_out = g.shape
@@ -94,8 +98,14 @@ def _layer_gramian(a: Tensor, g: Tensor, has_bias: bool) -> Tensor:
         m = a @ a.T
         if has_bias:
             m = m + 1.0
-        h = torch.matmul(m, g)  # [K, N, D_out]
-        return torch.einsum("inx,jnx->ij", g, h)
+        flat = g.reshape(k, -1)
+        # rows of the Gramian in chunks of tasks, so the [chunk, N, D_out] temporary stays small
+        chunk = max(1, _CHUNK_ELEMENTS // max(1, n * d_out))
+        if chunk >= k:
+            return flat @ torch.matmul(m, g).reshape(k, -1).T
+        rows = [torch.matmul(m, g[i : i + chunk]).reshape(-1, n * d_out) @ flat.T
+                for i in range(0, k, chunk)]
+        return torch.cat(rows, 0)
     dw = torch.einsum("kno,ni->koi", g, a).reshape(k, -1)
     gram = dw @ dw.T
     if has_bias:
