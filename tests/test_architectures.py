@@ -959,6 +959,46 @@ def test_dselect_k_not_power_of_two_and_static_gates():
         DSelectK(_expert, 4, _heads(8), gate_in_features=6, k=5)
 
 
+def _trainer(model, cfg: Config, balancer_name: str = GRAMIAN):
+    from polytask.trainer import Trainer, TrainerConfig
+
+    return Trainer(
+        model,
+        _regression_tasks(cfg),
+        balancers.create(balancer_name, len(cfg.tasks)),
+        lambda p: torch.optim.SGD(p, lr=0.01),
+        config=TrainerConfig(progress=False, device="cpu"),
+    )
+
+
+@pytest.mark.parametrize("balancer_name", [GRAMIAN, LOSSES])
+def test_dselect_k_regulariser_reaches_the_gate_gradients_in_a_trainer_step(balancer_name):
+    """LibMTL backpropagates DSelect-k's entropy regulariser inside forward, so the trainer's
+    zero_grad erases it. Here it is the model's auxiliary loss and the trainer adds it: the gate
+    gradients after a step differ from those without the regulariser by exactly its gradient."""
+    cfg = _cfg("dselect_k")
+    batch = _regression_batch(cfg, 8)
+    grads = {}
+    for reg in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = DSelectK(_expert, 4, _heads(8), gate_in_features=6, k=2, entropy_reg=reg)
+        if reg:  # the regulariser's own gradient, at the weights before the step
+            probe = DSelectK(_expert, 4, _heads(8), gate_in_features=6, k=2, entropy_reg=reg)
+            probe.load_state_dict(model.state_dict())
+            probe(batch["x"])
+            aux = probe.auxiliary_loss()
+            assert aux is not None and aux.item() > 0
+            gate_params = list(probe.gates.parameters())
+            aux_grads = torch.autograd.grad(aux, gate_params, allow_unused=True)
+        _trainer(model, cfg, balancer_name).train_step(batch)
+        grads[reg] = [p.grad.clone() for p in model.gates.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(grads[0.0], grads[0.5], strict=True))
+    for a, b, g in zip(grads[0.0], grads[0.5], aux_grads, strict=True):
+        torch.testing.assert_close(
+            b - a, g if g is not None else torch.zeros_like(a), atol=1e-6, rtol=1e-4
+        )
+
+
 def test_dselect_k_smooth_step():
     from polytask.architectures._mmoe import smooth_step
 
@@ -1142,6 +1182,94 @@ def _router(**kw) -> RoutedMoE:
     )
     args.update(kw)
     return RoutedMoE(**args)
+
+
+def test_mmoe_parameter_roles():
+    """MMoE: the experts (and a gate_input) are shared, each gate and tower belongs to its task."""
+    emb = nn.Linear(6, 6)
+    m = MMoE(_expert, 3, _heads(8), gate_in_features=6, gate_input=emb)
+    ids = lambda mod: {id(p) for p in mod.parameters()}  # noqa: E731
+    shared = {id(p) for p in m.shared_parameters()}
+    assert shared == ids(m.experts) | ids(emb)
+    for t in TASKS:
+        assert {id(p) for p in m.task_parameters(t)} == ids(m.gates[t]) | ids(m.heads[t])
+
+
+def test_moe_router_top_k_routing_and_always_on_shared_experts():
+    """Each unit goes to its k most probable experts, weighted by the renormalised router
+    probabilities; the shared experts process every unit and are added."""
+    torch.manual_seed(0)
+    m = RoutedMoE(
+        lambda: MLP([8, 16, 8]), 5, _heads(8), d_model=8, k=2, n_shared=2, encoder=nn.Linear(6, 8)
+    )
+    x = _vec(7)
+    feats = m.encode(x)
+    m.decode(feats)
+    w = m.last_gate_weights["router"]
+    h = m.encoder(x)
+    probs = torch.softmax(m.router(h), -1)
+    top_p, top_i = probs.topk(2, dim=-1)
+    want_w = torch.zeros_like(probs).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+    torch.testing.assert_close(w, want_w.detach())
+    assert ((w > 0).sum(-1) == 2).all()
+    routed = sum(want_w[:, e : e + 1] * m.experts[e](h) for e in range(5))
+    shared = m.shared_experts[0](h) + m.shared_experts[1](h)
+    torch.testing.assert_close(feats, routed + shared)
+    # every sample reaches the shared experts, whatever its routing
+    for i in range(7):
+        (g,) = torch.autograd.grad(feats[i].sum(), m.shared_experts[0][0].weight, retain_graph=True)
+        assert g.abs().sum() > 0
+    with pytest.raises(ValueError, match="k must be"):
+        RoutedMoE(lambda: MLP([8, 8]), 2, _heads(8), d_model=8, k=3)
+
+
+def test_moe_router_routing_conditions_on_present_modalities():
+    """With condition_on_modalities the router adds a learned term of the presence mask."""
+    x = _modal(6)
+    for conditioned in (True, False):
+        m = _router(condition_on_modalities=conditioned)
+        m(x)
+        h, valid, mask = m._units(x)
+        logits = m.router(h)
+        if conditioned:
+            assert m.presence_router is not None
+            logits = logits + m.presence_router(mask.float())
+        else:
+            assert m.presence_router is None
+        top_p, top_i = torch.softmax(logits, -1).topk(2, dim=-1)
+        want = torch.zeros_like(logits).scatter(-1, top_i, top_p / top_p.sum(-1, keepdim=True))
+        torch.testing.assert_close(m.last_gate_weights["router"], want.detach() * valid[:, None])
+    # the presence term changes the routing of a sample when only its mask changes
+    m = _router()
+    with torch.no_grad():
+        m.presence_router.weight.copy_(
+            torch.tensor([[5.0, 0.0], [0.0, 5.0], [0.0, 0.0], [0.0, 0.0]])
+        )
+    both = {"img": x["img"][:1], "txt": x["txt"][:1], "modality_mask": torch.tensor([[1, 1]])}
+    one = {**both, "modality_mask": torch.tensor([[1, 0]])}
+    m(both)
+    w_both = m.last_gate_weights["router"]
+    m(one)
+    assert not torch.equal(w_both, m.last_gate_weights["router"])
+
+
+def test_moe_router_missing_modality_is_not_a_zero_tensor():
+    """A missing modality is left out (masked); feeding zeros for it is a different input."""
+    m = _router().eval()
+    x = _modal(4)
+    missing = {"img": x["img"]}
+    zeros = {
+        "img": x["img"],
+        "txt": torch.zeros_like(x["txt"]),
+        "modality_mask": torch.ones(4, 2, dtype=torch.bool),
+    }
+    with torch.no_grad():
+        a, b = m(missing), m(zeros)
+    assert not torch.allclose(a["a"], b["a"])
+    # the masked batch equals the batch holding only the present modality
+    with torch.no_grad():
+        masked = m({**zeros, "modality_mask": torch.tensor([[True, False]] * 4)})
+    _close(masked, a)
 
 
 def test_moe_router_sparse_equals_dense():
