@@ -1,33 +1,50 @@
 """A multi-task trainer: fit/evaluate, checkpoint and exact resume, logs, early stopping.
 
 The trainer is a thin loop around :func:`polytask.mtl_backward`; everything method-specific comes
-from the balancer's capability record (``info.protocol``, ``info.mode``), never from its name.
+from the capability records (the balancer's ``info.protocol``, ``info.n_batches``,
+``info.mode``; a strategy's ``info.protocol``), never from a method's name:
+
+* ``"loss_after_step"`` (FAMO): after the optimiser step the batch's losses are re-evaluated and
+  passed to ``balancer.after_step``;
+* ``"extra_batch"`` (MoDo, SDMGrad): each step forwards ``info.n_batches`` batches (the step's
+  batch and ``n_batches - 1`` extra ones) and balances their stacked losses through
+  :func:`polytask.balancers.stack_batches`;
+* a strategy's ``"meta_batch"`` (Auto-Lambda): each step draws one more batch and runs
+  ``strategy.before_step`` before the update, whose balancer is ``strategy.wrap(balancer)``.
+
+Extra and meta batches come from a second pass over the training loader (each epoch starts a
+fresh one, re-started when it runs out), or from ``fit(..., aux_loader=...)``; the references of
+those methods draw them the same way. Starting them afresh each epoch keeps resuming from an
+epoch checkpoint exact.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import csv
+import functools
 import json
 import math
 import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .balancers import Balancer
 from ._fast import LinearCapture, capture_linear_layers
+from .balancers import Balancer, stack_batches
 from .engine import mtl_backward
 from .tasks import TaskSet
+
+if TYPE_CHECKING:
+    from .strategies import Strategy
 
 __all__ = ["Trainer", "TrainerConfig", "pick_device", "move_to"]
 
@@ -125,6 +142,9 @@ class Trainer:
         scheduler: optional factory ``optimizer -> LR scheduler`` (stepped once per epoch).
         config: :class:`TrainerConfig`.
         run_config: the resolved configuration saved with every checkpoint.
+        strategy: an optional training strategy (:mod:`polytask.strategies`, e.g. Auto-Lambda);
+            the update then uses ``strategy.wrap(balancer)`` and ``strategy.before_step`` runs
+            before it each step. Its state is checkpointed.
     """
 
     def __init__(
@@ -136,6 +156,7 @@ class Trainer:
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         config: TrainerConfig | None = None,
         run_config: Mapping[str, Any] | None = None,
+        strategy: Strategy | None = None,
     ) -> None:
         self.config = cfg = config or TrainerConfig()
         if balancer.n_tasks != len(tasks):
@@ -153,7 +174,26 @@ class Trainer:
         self.model = model.to(self.device)
         self.tasks = tasks
         self.balancer = balancer.to(self.device)
-        self.mode = cfg.mode or balancer.info.mode or "params"
+        self.strategy = strategy.to(self.device) if strategy is not None else None
+        if strategy is not None and strategy.n_tasks != len(tasks):
+            raise ValueError(
+                f"strategy was created for {strategy.n_tasks} tasks but there are {len(tasks)}"
+            )
+        # The balancer the update uses (a strategy may wrap it) and, for methods that consume
+        # several batches per step, its form over the stacked losses of those batches.
+        self.step_balancer = strategy.wrap(self.balancer) if strategy is not None else self.balancer
+        step_rec = self.step_balancer.info
+        self.n_batches = step_rec.n_batches
+        self._engine_balancer = (
+            stack_batches(self.step_balancer) if self.n_batches > 1 else self.step_balancer
+        )
+        self.needs_meta_batch = strategy is not None and "meta_batch" in strategy.info.protocol
+        self.mode = cfg.mode or step_rec.mode or "params"
+        if self.n_batches > 1 and self.mode != "params":
+            raise ValueError(
+                f"balancer {step_rec.name!r} combines {self.n_batches} batches per step and works "
+                f"in mode='params' only, not {self.mode!r}"
+            )
         if isinstance(optimizer, torch.optim.Optimizer):
             self.optimizer = optimizer
             own = list(balancer.parameters())
@@ -170,16 +210,16 @@ class Trainer:
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {cfg.amp!r}")
         if cfg.amp and self.device.type != "cuda":
             raise ValueError(f"mixed precision (amp={cfg.amp!r}) needs CUDA; device is {self.device}")
-        if cfg.amp == "fp16" and balancer.info.needs != "losses":
+        if cfg.amp == "fp16" and step_rec.needs != "losses":
             raise ValueError(
                 "amp='fp16' needs loss scaling, which changes what gradient methods see; "
-                f"use amp='bf16' with {balancer.info.name!r}"
+                f"use amp='bf16' with {step_rec.name!r}"
             )
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
         if cfg.engine not in ("auto", "jacobian"):
             raise ValueError(f"engine must be 'auto' or 'jacobian', got {cfg.engine!r}")
         self.capture: LinearCapture | None = None
-        if cfg.engine == "auto" and balancer.info.needs != "losses" and self.mode == "params":
+        if cfg.engine == "auto" and step_rec.needs != "losses" and self.mode == "params":
             cap = capture_linear_layers(model, list(model.shared_parameters()))
             self.capture = cap if cap.modules else None
         self.run_config = dict(run_config or {})
@@ -219,18 +259,55 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        """One optimisation step; returns the losses and weights (as tensors)."""
+    def train_step(
+        self,
+        batch: Mapping[str, Any],
+        extra_batches: Sequence[Mapping[str, Any]] = (),
+        meta_batch: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One optimisation step; returns the losses and weights (as tensors).
+
+        Args:
+            batch: the step's batch (its losses are the ones returned and logged).
+            extra_batches: ``n_batches - 1`` more batches for methods with protocol
+                ``"extra_batch"`` (:attr:`n_batches`); none otherwise.
+            meta_batch: the batch a strategy with protocol ``"meta_batch"`` needs.
+        """
         self.model.train()
+        rec = self.step_balancer.info
+        n_extra = self.n_batches - 1
+        if len(extra_batches) != n_extra:
+            raise ValueError(
+                f"balancer {rec.name!r} needs {n_extra} extra batch(es) per step "
+                f"(n_batches={self.n_batches}, protocol 'extra_batch'); got {len(extra_batches)}"
+            )
+        if self.needs_meta_batch and meta_batch is None:
+            raise ValueError(
+                f"strategy {self.strategy.info.name!r} needs a meta batch every step "  # type: ignore[union-attr]
+                "(protocol 'meta_batch')"
+            )
         batch = move_to(batch, self.device)
-        rec = self.balancer.info
-        need_features = self.mode == "representation" or rec.needs != "losses"
+        strategy_logs: dict[str, Tensor] = {}
+        if self.strategy is not None:  # before the step's forward: it may run the model itself
+            strategy_logs = self.strategy.before_step(
+                self.model,
+                self._strategy_losses,
+                batch,
+                None if meta_batch is None else move_to(meta_batch, self.device),
+                self.optimizer,
+            )
+        need_features = n_extra == 0 and (self.mode == "representation" or rec.needs != "losses")
         if self.capture is not None:
             self.capture.clear()
         with self._autocast():
             outputs, features = self._forward(batch, need_features)
             tl = self.tasks.compute_losses(outputs, batch)
             aux = self.model.auxiliary_loss() if hasattr(self.model, "auxiliary_loss") else None
+            extra_losses = []
+            for extra in extra_batches:  # independent batches at the same parameters
+                extra = move_to(extra, self.device)
+                out_e, _ = self._forward(extra, False)
+                extra_losses.append(self.tasks.compute_losses(out_e, extra).losses.float())
         if self.mode == "representation" and features is None and rec.needs != "losses":
             raise ValueError(
                 f"mode='representation' needs a model with encode()/decode(); "
@@ -238,17 +315,20 @@ class Trainer:
             )
         losses = tl.losses.float()
         self.optimizer.zero_grad(set_to_none=True)
-        scaled = losses * self.scaler.get_scale() if self.scaler is not None else losses
+        step_losses = torch.cat([losses, *extra_losses]) if extra_losses else losses
+        scaled = step_losses * self.scaler.get_scale() if self.scaler is not None else step_losses
         weights = mtl_backward(
             scaled,
             shared_params=list(self.model.shared_parameters()),
-            balancer=self.balancer,
+            balancer=self._engine_balancer,
             features=features,
             mode=self.mode,  # type: ignore[arg-type]
             extra_loss=aux,
-            task_names=self.tasks.names,
+            task_names=self.tasks.names * self.n_batches,
             capture=self.capture,
         )
+        if n_extra:  # the per-task weights (summed over the batches) for logging
+            weights = self.step_balancer.last_weights
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.config.grad_clip:
@@ -262,14 +342,49 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 outputs, _ = self._forward(batch, False)
                 new = self.tasks.compute_losses(outputs, batch).losses.float()
-            self.balancer.after_step(new)
-        return {"losses": losses.detach(), "counts": tl.counts, "weights": weights}
+            self.step_balancer.after_step(new)
+        return {
+            "losses": losses.detach(),
+            "counts": tl.counts,
+            "weights": weights,
+            **{k: v.detach() for k, v in strategy_logs.items()},
+        }
 
-    def fit(self, train_loader: Iterable[Any], val_loader: Iterable[Any] | None = None) -> list[
-        dict[str, Any]
-    ]:
-        """Train for ``config.epochs`` epochs (continuing from a resumed epoch)."""
+    def _strategy_losses(self, forward: Callable[..., Any], batch: Mapping[str, Any]) -> Tensor:
+        """Task losses ``[K]`` of ``batch`` with ``forward`` standing for the model."""
+        with self._autocast():
+            return self.tasks.compute_losses(forward(self._inputs(batch)), batch).losses.float()
+
+    def _aux_batches(self, source: Iterable[Any]) -> Iterator[Any]:
+        """Endless batches from passes over ``source`` (a new pass when one runs out)."""
+        while True:
+            empty = True
+            for b in source:
+                empty = False
+                yield b
+            if empty:
+                raise ValueError("the loader for extra / meta batches yielded no batch")
+
+    def fit(
+        self,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any] | None = None,
+        *,
+        aux_loader: Iterable[Any] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Train for ``config.epochs`` epochs (continuing from a resumed epoch).
+
+        Args:
+            train_loader: the training batches (re-iterated every epoch).
+            val_loader: validation batches for metrics, model selection and early stopping.
+            aux_loader: where the extra batches (balancer protocol ``"extra_batch"``) and meta
+                batches (strategy protocol ``"meta_batch"``) come from; default: a second,
+                independent pass over ``train_loader`` (a shuffling loader gives another order).
+        """
         cfg = self.config
+        n_extra = self.n_batches - 1
+        need_aux = n_extra > 0 or self.needs_meta_batch
+        aux_source = train_loader if aux_loader is None else aux_loader
         if self.out_dir:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if val_loader is not None:
@@ -281,8 +396,13 @@ class Trainer:
             counts = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
             wsum: Tensor | None = None
             steps = 0
+            # a fresh pass each epoch: the epoch's batches depend only on the RNG state at its
+            # start, so resuming from an epoch checkpoint continues exactly
+            aux = self._aux_batches(aux_source) if need_aux else None
             for batch in train_loader:
-                out = self.train_step(batch)
+                extra = [next(aux) for _ in range(n_extra)] if aux is not None else []
+                meta = next(aux) if aux is not None and self.needs_meta_batch else None
+                out = self.train_step(batch, extra, meta)
                 c = out["counts"].to(torch.float64)
                 sums += out["losses"].to(torch.float64) * c
                 counts += c
@@ -302,7 +422,9 @@ class Trainer:
                     )
             if steps == 0:
                 raise ValueError("the training loader yielded no batch")
-            self.balancer.epoch_end()
+            if aux is not None:
+                aux.close()
+            self.step_balancer.epoch_end()
             if self.scheduler is not None:
                 self.scheduler.step()
             train_losses = (sums / counts.clamp_min(1)).tolist()
@@ -416,6 +538,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "balancer": self.balancer.state_dict(),
             "balancer_name": self.balancer.info.name,
+            "strategy": self.strategy.state_dict() if self.strategy is not None else None,
             "rng": _rng_state(),
             "epoch": self.epoch,
             "history": self.history,
@@ -447,6 +570,10 @@ class Trainer:
         if self.scaler is not None and ckpt["scaler"] is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.balancer.load_state_dict(ckpt["balancer"])
+        if self.strategy is not None:
+            if ckpt.get("strategy") is None:
+                raise ValueError(f"{path} holds no state for strategy {self.strategy.info.name!r}")
+            self.strategy.load_state_dict(ckpt["strategy"])
         self.epoch = ckpt["epoch"]
         self.history = ckpt["history"]
         self.best_score = ckpt["best_score"]
