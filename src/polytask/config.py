@@ -1,7 +1,7 @@
 """Run configuration: typed sections, validated (unknown keys are errors), YAML in and out.
 
-A config file has the sections ``data``, ``model``, ``balancer``, ``optimizer``, ``scheduler`` and
-``trainer``; see ``configs/`` for examples and :func:`load_config`.
+A config file has the sections ``data``, ``model``, ``tasks``, ``balancer``, ``optimizer``,
+``scheduler`` and ``trainer``; see ``configs/`` for examples and :func:`load_config`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ __all__ = [
     "OptimizerSection",
     "RunConfig",
     "SchedulerSection",
+    "TasksSection",
     "TrainerSection",
     "load_config",
     "parse_config",
@@ -40,11 +41,27 @@ class DataSection:
 
 @dataclass
 class ModelSection:
+    """The network: ``architecture`` (a name of :func:`polytask.architectures.available`) around
+    an ``encoder`` network. What the encoder network is depends on the architecture: the shared
+    encoder (``hps``, ``moe_router``), each expert (``mmoe``, ``dselect_k``, ``cgc``, ``ple``)
+    or the staged encoder (``mtan``, ``cross_stitch``, ``nddr``, ``ltb``, ``task_groups``); see
+    docs/architectures.md."""
+
     architecture: str = "hps"
     encoder: str = "auto"  # "auto" (by input shape), "mlp", "lenet"
-    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    hidden: list[int] = field(default_factory=lambda: [256, 256])  # encoder / expert widths
     dropout: float = 0.0
+    tower: list[int] = field(default_factory=list)  # hidden widths of each task's tower
     options: dict[str, Any] = field(default_factory=dict)  # architecture keyword arguments
+
+
+@dataclass
+class TasksSection:
+    """How the dataset's tasks become losses and metrics."""
+
+    # two-class tasks: "softmax" (two logits, cross-entropy, accuracy) or "logit" (one logit,
+    # binary cross-entropy, AUC and accuracy, as in the MMoE/PLE papers)
+    binary: str = "softmax"
 
 
 @dataclass
@@ -87,6 +104,7 @@ class TrainerSection:
 class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
+    tasks: TasksSection = field(default_factory=TasksSection)
     balancer: BalancerSection = field(default_factory=BalancerSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     scheduler: SchedulerSection = field(default_factory=SchedulerSection)
@@ -174,8 +192,20 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
             f"model.architecture: unknown architecture {cfg.model.architecture!r}; "
             f"available: {architectures.available()}"
         )
+    if cfg.tasks.binary not in ("softmax", "logit"):
+        raise ConfigError(f"tasks.binary: expected softmax or logit, got {cfg.tasks.binary!r}")
+    if cfg.model.encoder not in ("auto", "mlp", "lenet"):
+        raise ConfigError(f"model.encoder: expected auto, mlp or lenet, got {cfg.model.encoder!r}")
+    for key in ("hidden", "tower"):
+        widths = getattr(cfg.model, key)
+        if not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
+            raise ConfigError(f"model.{key}: expected a list of positive integers, got {widths}")
+    if not cfg.model.hidden:
+        raise ConfigError("model.hidden: needs at least one width")
     if cfg.optimizer.name not in ("adam", "adamw", "sgd"):
-        raise ConfigError(f"optimizer.name: expected adam, adamw or sgd, got {cfg.optimizer.name!r}")
+        raise ConfigError(
+            f"optimizer.name: expected adam, adamw or sgd, got {cfg.optimizer.name!r}"
+        )
     if cfg.scheduler.name not in ("none", "step", "cosine"):
         raise ConfigError(
             f"scheduler.name: expected none, step or cosine, got {cfg.scheduler.name!r}"

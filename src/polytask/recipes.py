@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,17 +13,26 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import architectures, balancers, data
-from .config import ConfigError, RunConfig
+from .config import ConfigError, ModelSection, RunConfig
 from .tasks import Task, TaskSet
 from .trainer import Trainer, TrainerConfig
 
-__all__ = ["Run", "build_model", "build_run", "build_tasks", "conv_encoder", "mlp"]
+__all__ = [
+    "BUILDERS",
+    "ModelContext",
+    "Run",
+    "build_model",
+    "build_run",
+    "build_tasks",
+    "conv_encoder",
+    "mlp",
+]
 
 
 def mlp(sizes: Sequence[int], dropout: float = 0.0, last_act: bool = True) -> nn.Sequential:
     """A ReLU multi-layer perceptron ``sizes[0] -> ... -> sizes[-1]``."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2 or last_act:
             layers.append(nn.ReLU())
@@ -48,23 +58,212 @@ def conv_encoder(in_shape: Sequence[int], out_dim: int = 50) -> nn.Sequential:
     return nn.Sequential(conv, nn.Linear(n, out_dim), nn.ReLU())
 
 
-def build_tasks(mtd: data.MultiTaskData, names: Sequence[str] | None = None) -> TaskSet:
-    """polytask tasks from a dataset's task specs (regression metrics in original units)."""
+def build_tasks(
+    mtd: data.MultiTaskData, names: Sequence[str] | None = None, binary: str = "softmax"
+) -> TaskSet:
+    """polytask tasks from a dataset's task specs (regression metrics in original units).
+
+    ``binary``: two-class tasks as ``"softmax"`` (two logits, cross-entropy, accuracy) or
+    ``"logit"`` (one logit, binary cross-entropy, AUC and accuracy).
+    """
+    if binary not in ("softmax", "logit"):
+        raise ValueError(f"binary must be 'softmax' or 'logit', got {binary!r}")
     tasks = []
     for spec in mtd.tasks:
         if names is not None and spec.name not in names:
             continue
         if spec.kind == "classification":
             assert spec.n_classes is not None
-            tasks.append(Task.classification(spec.name, spec.n_classes, target=spec.target_key))
+            if spec.n_classes == 2 and binary == "logit":
+                tasks.append(Task.binary(spec.name, target=spec.target_key))
+            else:
+                tasks.append(Task.classification(spec.name, spec.n_classes, target=spec.target_key))
         else:
             scale = mtd.target_stats.get(spec.name, (0.0, 1.0))[1]
             tasks.append(Task.regression(spec.name, target=spec.target_key, target_scale=scale))
     return TaskSet(tasks)
 
 
+# ------------------------------------------------------------------------------- models
+@dataclass
+class ModelContext:
+    """What an architecture builder needs: the config's model section, the input shape and the
+    tasks (their output widths)."""
+
+    section: ModelSection
+    input_shape: tuple[int, ...]
+    tasks: TaskSet
+
+    @property
+    def kind(self) -> str:
+        """The encoder network: ``mlp`` or ``lenet`` (``auto``: lenet for ``[C, H, W]``)."""
+        kind = self.section.encoder
+        if kind == "auto":
+            kind = "lenet" if len(self.input_shape) == 3 else "mlp"
+        if kind == "lenet" and len(self.input_shape) != 3:
+            raise ConfigError(
+                f"model.encoder: lenet needs [C, H, W] inputs, data has {list(self.input_shape)}"
+            )
+        return kind
+
+    @property
+    def d_in(self) -> int:
+        """Per-sample number of input elements (what flattened-input gates read)."""
+        return math.prod(self.input_shape)
+
+    @property
+    def width(self) -> int:
+        """Width of the encoder's (or an expert's) output: ``hidden[-1]``."""
+        return int(self.section.hidden[-1])
+
+    def network(self) -> nn.Module:
+        """One encoder network on the raw input: an MLP ``d_in -> hidden`` (flattening images)
+        or the LeNet of :func:`conv_encoder` with ``hidden[-1]`` features."""
+        m = self.section
+        if self.kind == "lenet":
+            return conv_encoder(self.input_shape, self.width)
+        net = mlp([self.d_in, *m.hidden], m.dropout)
+        return nn.Sequential(nn.Flatten(), net) if len(self.input_shape) > 1 else net
+
+    def staged(self) -> architectures.Stages:
+        """The encoder network as a staged encoder: one stage per MLP layer, or LeNet's three
+        stages (:class:`~polytask.architectures.LeNetStages` with the kernels of
+        :func:`conv_encoder`)."""
+        m = self.section
+        if self.kind == "lenet":
+            c, h, w = self.input_shape
+            if h != w:
+                raise ConfigError(f"model.encoder: lenet stages need square images, got {h}x{w}")
+            return architectures.LeNetStages(
+                in_channels=c, features=self.width, image_size=h, kernel_sizes=(9, 5)
+            )
+        enc = architectures.StagedMLP([self.d_in, *m.hidden], dropout=m.dropout)
+        if len(self.input_shape) > 1:  # images through an MLP: flatten in the first stage
+            enc.stages[0] = nn.Sequential(nn.Flatten(), enc.stages[0])
+        return enc
+
+    def heads(self, width: int | None = None) -> dict[str, nn.Module]:
+        """One tower per task: ``tower`` hidden ReLU layers, then a linear output."""
+        width = self.width if width is None else width
+        heads: dict[str, nn.Module] = {}
+        for t in self.tasks:
+            if t.kind == "binary":
+                out = 1
+            elif t.kind == "classification":
+                out = int(t.n_classes or 2)
+            else:
+                out = 1
+            tower = self.section.tower
+            if tower:
+                heads[t.name] = nn.Sequential(
+                    mlp([width, *tower], self.section.dropout), nn.Linear(tower[-1], out)
+                )
+            else:
+                heads[t.name] = nn.Linear(width, out)
+        return heads
+
+
+def _hps(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+    encoder = ctx.network()
+    return architectures.create("hps", encoder=encoder, heads=ctx.heads(), **options)
+
+
+def _mixture(name: str) -> Builder:
+    def build(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+        options.setdefault("n_experts", 8)
+        return architectures.create(
+            name,
+            expert_factory=ctx.network,
+            heads=ctx.heads(),
+            gate_in_features=ctx.d_in,
+            **options,
+        )
+
+    return build
+
+
+def _cgc(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+    return architectures.create(
+        "cgc",
+        expert_factory=ctx.network,
+        heads=ctx.heads(),
+        gate_in_features=ctx.d_in,
+        **options,
+    )
+
+
+def _ple(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+    levels = int(options.pop("n_levels", 2))
+    w, m = ctx.width, ctx.section
+
+    def upper() -> nn.Module:  # experts of levels > 0 read the width-w outputs below
+        return mlp([w, *m.hidden], m.dropout) if ctx.kind == "mlp" else mlp([w, w], m.dropout)
+
+    factories = [ctx.network] + [upper] * (levels - 1)
+    return architectures.create(
+        "ple",
+        expert_factory=factories,
+        heads=ctx.heads(),
+        gate_in_features=ctx.d_in,
+        expert_out_features=w,
+        n_levels=levels,
+        **options,
+    )
+
+
+def _moe_router(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+    encoder = ctx.network()
+    w = ctx.width
+    options.setdefault("n_experts", 8)
+    return architectures.create(
+        "moe_router",
+        expert_factory=lambda: mlp([w, w, w], ctx.section.dropout, last_act=False),
+        heads=ctx.heads(),
+        d_model=w,
+        encoder=encoder,
+        **options,
+    )
+
+
+def _staged(name: str) -> Builder:
+    def build(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+        encoder = ctx.staged()
+        return architectures.create(name, encoder=encoder, heads=ctx.heads(), **options)
+
+    return build
+
+
+def _esmm(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
+    raise ConfigError(
+        "model.architecture: esmm models a click task and a click-and-conversion task whose "
+        "outputs are probabilities (pCTCVR = pCTR * pCVR); no dataset here has such a task pair, "
+        "so build it in Python (polytask.architectures.ESMM) with binary-cross-entropy tasks"
+    )
+
+
+Builder = Callable[[ModelContext, dict[str, Any]], nn.Module]
+
+#: How a config builds each registered architecture around its encoder network.
+BUILDERS: dict[str, Builder] = {
+    "hps": _hps,
+    "mmoe": _mixture("mmoe"),
+    "dselect_k": _mixture("dselect_k"),
+    "cgc": _cgc,
+    "ple": _ple,
+    "moe_router": _moe_router,
+    "mtan": _staged("mtan"),
+    "cross_stitch": _staged("cross_stitch"),
+    "nddr": _staged("nddr"),
+    "ltb": _staged("ltb"),
+    "task_groups": _staged("task_groups"),
+    "esmm": _esmm,
+}
+
+
 def build_model(cfg: RunConfig, mtd: data.MultiTaskData, tasks: TaskSet) -> nn.Module:
-    """Encoder chosen by input shape (or ``model.encoder``) and the configured architecture."""
+    """The configured architecture around the configured encoder network (see
+    :class:`ModelContext` and ``BUILDERS``); ``model.options`` are the architecture's keyword
+    arguments."""
     m = cfg.model
     shape = mtd.input_shape
     if shape is None:
@@ -72,33 +271,21 @@ def build_model(cfg: RunConfig, mtd: data.MultiTaskData, tasks: TaskSet) -> nn.M
             f"dataset {cfg.data.name!r} has variable-size inputs; it needs a dedicated model "
             "(see polytask.bench)"
         )
-    kind = m.encoder
-    if kind == "auto":
-        kind = "lenet" if len(shape) == 3 else "mlp"
-    if kind == "lenet":
-        if len(shape) != 3:
-            raise ConfigError(f"model.encoder: lenet needs [C, H, W] inputs, data has {shape}")
-        hidden = m.hidden[-1] if m.hidden else 50
-        encoder: nn.Module = conv_encoder(shape, hidden)
-        rep = hidden
-    elif kind == "mlp":
-        d_in = math.prod(shape)
-        sizes = [d_in, *m.hidden]
-        encoder = nn.Sequential(nn.Flatten(), mlp(sizes, m.dropout)) if len(shape) > 1 else mlp(
-            sizes, m.dropout
+    builder = BUILDERS.get(m.architecture)
+    if builder is None:
+        raise ConfigError(
+            f"model.architecture: {m.architecture!r} has no config recipe; build it in Python "
+            f"(recipes exist for {sorted(BUILDERS)})"
         )
-        rep = sizes[-1]
-    else:
-        raise ConfigError(f"model.encoder: expected auto, mlp or lenet, got {m.encoder!r}")
-    heads = {}
-    for t in tasks:
-        out = t.n_classes if t.kind == "classification" else 1
-        heads[t.name] = nn.Linear(rep, int(out or 1))
-    if m.architecture == "hps":
-        return architectures.create("hps", encoder=encoder, heads=heads, **m.options)
-    return architectures.create(
-        m.architecture, encoder=encoder, heads=heads, rep_dim=rep, **m.options
-    )
+    ctx = ModelContext(m, tuple(shape), tasks)
+    try:
+        return builder(ctx, dict(m.options))
+    except TypeError as err:  # an unknown or missing keyword argument of the architecture
+        raise ConfigError(f"model.options for {m.architecture!r}: {err}") from err
+    except (ValueError, KeyError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"model ({m.architecture!r}): {err}") from err
 
 
 @dataclass
@@ -143,7 +330,7 @@ def build_run(
     torch.manual_seed(cfg.trainer.seed)
     if mtd is None:
         mtd = data.load(cfg.data.name, **cfg.data.options)
-    tasks = build_tasks(mtd, task_names)
+    tasks = build_tasks(mtd, task_names, binary=cfg.tasks.binary)
     model = build_model(cfg, mtd, tasks)
     bal_name = cfg.balancer.name if len(tasks) > 1 else "sum"
     hp = cfg.balancer.hparams if len(tasks) > 1 else {}

@@ -187,20 +187,22 @@ class StagedMLP(Stages):
 
 
 class LeNetStages(Stages):
-    """LeNet-style staged CNN for ``1x36x36`` images (MultiMNIST), three stages.
+    """LeNet-style staged CNN for small square images (MultiMNIST), three stages.
 
-    The encoder of Sener & Koltun (NeurIPS 2018) for MultiMNIST, split into stages:
+    The MultiMNIST encoder of Sener & Koltun (NeurIPS 2018), split into stages (``s`` is the
+    image size, ``k1, k2`` the kernel sizes):
 
-    1. ``Conv2d(in, c1, 5) -> MaxPool2d(2) -> ReLU``: ``[c1, 16, 16]``
-    2. ``Conv2d(c1, c2, 5) -> MaxPool2d(2) -> ReLU``: ``[c2, 6, 6]``
-    3. ``Flatten -> Linear(c2*36, features) -> ReLU``: ``[features]``
+    1. ``Conv2d(in, c1, k1) -> MaxPool2d(2) -> ReLU``: ``[c1, s1, s1]``, ``s1 = (s - k1 + 1) // 2``
+    2. ``Conv2d(c1, c2, k2) -> MaxPool2d(2) -> ReLU``: ``[c2, s2, s2]``, ``s2 = (s1 - k2 + 1) // 2``
+    3. ``Flatten -> Linear(c2 * s2 * s2, features) -> ReLU``: ``[features]``
 
     Args:
         in_channels: input channels (1 for MultiMNIST).
         channels: ``(c1, c2)``, default ``(10, 20)``.
         features: width of the last (linear) stage, default 50.
-        image_size: input height and width (default 36); other sizes work if both
-            convolution stages keep a positive size.
+        image_size: input height and width (default 36).
+        kernel_sizes: ``(k1, k2)``, default ``(5, 5)``; ``(9, 5)`` is the encoder of
+            :func:`polytask.recipes.conv_encoder` (what ``hps`` uses in configs).
 
     Example:
         >>> import torch
@@ -209,6 +211,8 @@ class LeNetStages(Stages):
         [(10, 16, 16), (20, 6, 6), (50,)]
         >>> enc(torch.randn(2, 1, 36, 36)).shape
         torch.Size([2, 50])
+        >>> LeNetStages(kernel_sizes=(9, 5)).stage_shapes
+        [(10, 14, 14), (20, 5, 5), (50,)]
     """
 
     def __init__(
@@ -217,15 +221,19 @@ class LeNetStages(Stages):
         channels: Sequence[int] = (10, 20),
         features: int = 50,
         image_size: int = 36,
+        kernel_sizes: Sequence[int] = (5, 5),
     ) -> None:
         c1, c2 = (int(c) for c in channels)
-        s1 = (image_size - 4) // 2
-        s2 = (s1 - 4) // 2
-        if s2 < 1:
-            raise ValueError(f"image_size {image_size} is too small for LeNetStages")
+        k1, k2 = (int(k) for k in kernel_sizes)
+        s1 = (image_size - k1 + 1) // 2
+        s2 = (s1 - k2 + 1) // 2
+        if s1 < 1 or s2 < 1:
+            raise ValueError(
+                f"image_size {image_size} is too small for LeNetStages with kernels {(k1, k2)}"
+            )
         stages = [
-            nn.Sequential(nn.Conv2d(in_channels, c1, 5), nn.MaxPool2d(2), nn.ReLU()),
-            nn.Sequential(nn.Conv2d(c1, c2, 5), nn.MaxPool2d(2), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(in_channels, c1, k1), nn.MaxPool2d(2), nn.ReLU()),
+            nn.Sequential(nn.Conv2d(c1, c2, k2), nn.MaxPool2d(2), nn.ReLU()),
             nn.Sequential(nn.Flatten(), nn.Linear(c2 * s2 * s2, features), nn.ReLU()),
         ]
         super().__init__(stages, [(c1, s1, s1), (c2, s2, s2), (features,)])
