@@ -948,8 +948,9 @@ def test_dselect_k_not_power_of_two_and_static_gates():
     m(_vec(4))
     for w in m.last_gate_weights.values():
         assert (w.sum(-1) <= 1 + 1e-6).all()
-    # the reachability term 1/sum(selector) >= 1 per selector is part of the loss
-    assert float(m.auxiliary_loss().detach()) >= 2 * len(TASKS) - 1e-4
+    # the reachability term 1/sum(selector) >= 1 per selector and sample is part of the loss
+    # (summed over the batch of 4, the k=2 selectors and the 3 task gates, as the official code)
+    assert float(m.auxiliary_loss().detach()) >= 4 * 2 * len(TASKS) - 1e-4
     static = DSelectK(_expert, 4, _heads(8), gate_in_features=None, k=1, conditioned=False)
     out = static(_vec(5))
     assert out["c"].shape == (5, 3)
@@ -997,6 +998,21 @@ def test_dselect_k_regulariser_reaches_the_gate_gradients_in_a_trainer_step(bala
         torch.testing.assert_close(
             b - a, g if g is not None else torch.zeros_like(a), atol=1e-6, rtol=1e-4
         )
+
+
+def test_dselect_k_regulariser_is_the_official_formula():
+    """Entropy of the single-expert selectors times entropy_reg, summed over batch and selectors
+    (google-research dselect_k_moe), one term per task gate."""
+    torch.manual_seed(0)
+    m = DSelectK(_expert, 4, _heads(8), gate_in_features=6, k=2, entropy_reg=0.3)
+    x = _vec(5)
+    m(x)
+    want = 0.0
+    for gate in m.gates.values():
+        _, sel = gate(x)
+        assert sel.shape == (5, 2, 4)
+        want = want + (-(sel * torch.log(sel + 1e-6)).sum() * 0.3)
+    torch.testing.assert_close(m.auxiliary_loss(), want)
 
 
 def test_dselect_k_smooth_step():

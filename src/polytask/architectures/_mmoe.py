@@ -198,13 +198,14 @@ class DSelectKGate(nn.Module):
         return weights, selectors
 
     def regularizer(self, selectors: Tensor, entropy_reg: float) -> Tensor:
-        """Entropy of each single-expert selector (times ``entropy_reg``) plus, when ``E`` is not
-        a power of 2, ``sum_k 1 / sum_e selector_k[e]`` (keeps weight on reachable experts);
-        averaged over the batch."""
-        per = -(selectors * torch.log(selectors + 1e-6)).sum(dim=(-1, -2)) * entropy_reg
+        """The official code's regulariser of the selector outputs ``[B, k, E]`` (or ``[k, E]``):
+        ``entropy_reg`` times their entropy ``-sum s log(s + 1e-6)``, plus, when ``E`` is not a
+        power of 2, ``sum 1 / sum_e s[..., e]`` (keeps the weight on reachable experts); both
+        summed over the batch and the selectors, as in the official code."""
+        reg = -(selectors * torch.log(selectors + 1e-6)).sum() * entropy_reg
         if not self.power_of_2:
-            per = per + (1.0 / selectors.sum(dim=-1)).sum(dim=-1)
-        return per.mean() if per.dim() > 0 else per
+            reg = reg + (1.0 / selectors.sum(dim=-1)).sum()
+        return reg
 
 
 @register(
@@ -234,12 +235,15 @@ class DSelectK(MMoE):
         gamma: width of the smooth-step's polynomial region (paper default 1.0).
         entropy_reg: coefficient of the entropy regulariser on the selectors, which drives each
             selector to a single expert (the official code's default 1e-6; the paper tunes it).
+            As in the official code the regulariser is summed over the batch, so its weight
+            relative to the (batch-mean) task losses grows with the batch size.
         conditioned: ``True`` for example-conditioned gates (logits linear in the gate input),
             ``False`` for task-only gates (static logits; ``gate_in_features`` is then unused).
 
     :meth:`auxiliary_loss` returns the sum over the task gates of the entropy regulariser (and,
-    for ``E`` not a power of 2, of the reachability term), averaged over the batch, from the last
-    forward; it is computed in eval mode too (the official code adds it in training only).
+    for ``E`` not a power of 2, of the reachability term) of the last forward; it is computed in
+    eval mode too (the official code adds it in training only; the trainer adds it to training
+    steps only).
     Unlike LibMTL, which runs ``backward`` on it inside ``forward`` (so ``zero_grad`` erases it),
     it is returned as a tensor for the objective.
 
