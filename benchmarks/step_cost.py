@@ -14,7 +14,9 @@ Variants (each on its own copy of the model, so that hooks never slow the baseli
 * ``polytask``: ``polytask.mtl_backward(..., mode="params", capture=cap)`` with
   ``cap = polytask.capture_linear_layers(encoder, shared)`` (the exact activation-based path);
 * ``polytask_nocap``: the same without ``capture`` (one batched VJP through the encoder);
-* ``polytask_repr``: ``mode="representation"`` (rows ``method (repr)``);
+* in representation rows (``method (repr)``), ``mode="representation"``: ``polytask`` captures
+  the heads (``which="heads"``: a Gramian weighting gets the Gramian from the heads' output
+  gradients and weights), ``polytask_nocap`` forms the ``[K, B*D]`` representation Jacobian;
 * ``torchjd``: ``torchjd.autojac.mtl_backward(losses, features=z, shared_params=...)`` then
   ``torchjd.autojac.jac_to_grad(shared, aggregator)`` (torchjd 0.18's documented MTL step); in
   representation rows ``torchjd.autojac.jac(losses, [z])``, the aggregator on the ``[K, B*D]``
@@ -267,7 +269,14 @@ class PolytaskStep(Variant):
             self.balancer = polytask.balancers.create(method, wl.k, **self.hparams)
         self.set_extra(list(self.balancer.parameters()))
         self.mode = mode
-        self.cap = polytask.capture_linear_layers(self.enc, self.shared) if capture else None
+        # params mode: the shared layers (exact activation-based path); representation mode:
+        # the heads (a Gramian weighting gets the Gramian from the heads' output gradients)
+        which = "heads" if mode == "representation" else "shared"
+        self.cap = (
+            polytask.capture_linear_layers(nn.ModuleList([self.enc, self.heads]), self.shared,
+                                           which=which)
+            if capture else None
+        )
         self.after_step = "loss_after_step" in self.balancer.info.protocol
 
     def step(self) -> None:
@@ -519,12 +528,10 @@ def make_variant(kind: str, wl: Workload, method: str, mode: str, args: argparse
         return PolytaskStep(wl, method, "params", capture=True, every=int(mode.split()[1]))
     repr_mode = mode == "representation"
     if kind == "polytask":
-        return PolytaskStep(wl, method, "representation" if repr_mode else "params",
-                            capture=not repr_mode)
+        return PolytaskStep(wl, method, "representation" if repr_mode else "params", capture=True)
     if kind == "polytask_nocap":
-        if repr_mode:
-            raise Unavailable("representation mode has no capture path")
-        return PolytaskStep(wl, method, "params", capture=False)
+        return PolytaskStep(wl, method, "representation" if repr_mode else "params",
+                            capture=False)
     if kind == "torchjd":
         return TorchjdRepr(wl, method) if repr_mode else TorchjdAutojac(wl, method)
     if kind == "torchjd_autogram":

@@ -209,3 +209,117 @@ def test_layer_gramian_chunks_equal_one_shot(monkeypatch):
     full = torch.cat([torch.einsum("kno,ni->koi", g, a).reshape(9, -1), g.sum(1)], 1)
     monkeypatch.setattr(_fast, "_CHUNK_ELEMENTS", 300)  # 2 tasks per chunk
     torch.testing.assert_close(_fast._layer_gramian(a, g, True), full @ full.T)
+
+
+class HeadsModel(nn.Module):
+    """Representation-mode variety: heads of different widths and depths, a head layer used twice,
+    one head with a non-linear op on the representation first (no structured path), 3-D inputs."""
+
+    def __init__(self, kinds: list[str]) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6))
+        self.kinds = kinds
+        heads = []
+        for kind in kinds:
+            if kind == "linear":
+                heads.append(nn.Linear(6, 1))
+            elif kind == "wide":
+                heads.append(nn.Linear(6, 4))
+            elif kind == "mlp":
+                heads.append(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 1)))
+            elif kind == "twice":
+                heads.append(nn.Linear(6, 6, bias=False))
+            elif kind == "nonlinear":
+                heads.append(nn.Linear(6, 1))
+        self.heads = nn.ModuleList(heads)
+
+    def losses(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for kind, h, t in zip(self.kinds, self.heads, y):
+            if kind == "twice":
+                o = (h(z) * h(z)).sum(-1)
+            elif kind == "nonlinear":
+                o = h(torch.sin(z)).squeeze(-1)
+            elif kind == "wide":
+                o = h(z).pow(2).mean(-1)
+            else:
+                o = h(z).squeeze(-1)
+            out.append((o - t).pow(2).mean())
+        return out
+
+
+@pytest.mark.parametrize("name", ["upgrad", "mgda_ub", "imtl_g", "nash_mtl", "aligned_mtl_ub"])
+@pytest.mark.parametrize(
+    "kinds",
+    [["linear", "linear", "linear"], ["linear", "wide", "mlp", "twice"], ["linear", "nonlinear"]],
+    ids=["linear", "mixed", "with_nonlinear"],
+)
+@pytest.mark.parametrize("tokens", [False, True], ids=["2d", "3d"])
+def test_representation_mode_with_captured_heads(name, kinds, tokens):
+    torch.manual_seed(0)
+    model = HeadsModel(kinds).double()
+    k = len(kinds)
+    g = torch.Generator().manual_seed(1)
+    shape = (4, 3, 5) if tokens else (6, 5)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    y = torch.randn(k, *shape[:-1], generator=g, dtype=torch.float64)
+    shared = list(model.enc.parameters())
+
+    z = model.enc(x)
+    ls = model.losses(z, y)
+    zg = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+    ref_bal = balancers.create(name, k)
+    d = ref_bal.combine(zg, torch.stack(ls).detach()).view_as(z)
+    expected = torch.autograd.grad(z, shared, d, retain_graph=True)
+    head_ref = [torch.autograd.grad(l, list(h.parameters()), retain_graph=True)
+                for l, h in zip(ls, model.heads)]
+
+    cap = polytask.capture_linear_layers(model, shared, which="heads")
+    z = model.enc(x)
+    ls = model.losses(z, y)
+    bal = balancers.create(name, k)
+    w = polytask.mtl_backward(ls, shared_params=shared, balancer=bal, features=z,
+                              mode="representation", capture=cap)
+    cap.remove()
+    assert cap.records == []
+    torch.testing.assert_close(w, ref_bal.last_weights, rtol=1e-6, atol=1e-9)
+    for p, e in zip(shared, expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-9)
+    for h, gs in zip(model.heads, head_ref):
+        for p, e in zip(h.parameters(), gs):
+            torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
+
+
+def test_head_plan_detects_paths_around_the_heads():
+    from polytask.engine import _head_plan
+
+    model = HeadsModel(["linear", "nonlinear"]).double()
+    cap = polytask.capture_linear_layers(model, list(model.enc.parameters()), which="heads")
+    z = model.enc(torch.randn(6, 5, dtype=torch.float64))
+    ls = model.losses(z, torch.randn(2, 6, dtype=torch.float64))
+    heads = [r for r in cap.records if r.source is z]
+    assert len(heads) == 1  # the non-linear head's layer sees sin(z), not z
+    assert _head_plan(ls[:1], z, heads) == [heads]
+    assert _head_plan(ls, z, heads) is None
+    cap.remove()
+
+
+def test_representation_mode_refuses_shared_parameters_above_features():
+    torch.manual_seed(0)
+    model = Model(above=True).double()
+    x, y = _data()
+    z = model.encode(x)
+    with pytest.raises(ValueError, match="do not feed `features`"):
+        polytask.mtl_backward(model.losses(z, y), shared_params=model.shared(),
+                              balancer=balancers.create("upgrad", K), features=z,
+                              mode="representation")
+
+
+def test_capture_which_selects_layers():
+    model = HeadsModel(["linear", "mlp"])
+    shared = list(model.enc.parameters())
+    assert len(polytask.capture_linear_layers(model, shared).modules) == 2
+    assert len(polytask.capture_linear_layers(model, shared, which="heads").modules) == 3
+    assert len(polytask.capture_linear_layers(model, shared, which="all").modules) == 5
+    with pytest.raises(ValueError, match="which must be"):
+        polytask.capture_linear_layers(model, shared, which="encoder")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,7 @@ class _Record:
     module: nn.Linear
     inputs: Tensor  # [N, D_in], detached
     output: Tensor  # the layer output, in the graph
+    source: Tensor  # the input tensor itself (identity tells a head applied to `features`)
 
 
 class LinearCapture:
@@ -53,7 +55,7 @@ class LinearCapture:
             return
         assert isinstance(module, nn.Linear)
         a = args[0]
-        self.records.append(_Record(module, a.detach().reshape(-1, a.shape[-1]), output))
+        self.records.append(_Record(module, a.detach().reshape(-1, a.shape[-1]), output, a))
 
     def clear(self) -> None:
         self.records.clear()
@@ -71,16 +73,32 @@ class LinearCapture:
 
 
 def capture_linear_layers(
-    module: nn.Module, shared_params: Sequence[Tensor] | None = None
+    module: nn.Module,
+    shared_params: Sequence[Tensor] | None = None,
+    *,
+    which: Literal["shared", "heads", "all"] = "shared",
 ) -> LinearCapture:
-    """Capture every ``nn.Linear`` in ``module`` whose parameters are all shared."""
+    """Capture the ``nn.Linear`` layers of ``module``.
+
+    ``which="shared"`` (default): the layers whose parameters are all shared (the exact
+    activation-based path of ``mode="params"``). ``"heads"``: the layers with no shared parameter
+    (task heads; in ``mode="representation"`` a Gramian weighting then gets the Gramian of the
+    representation gradients from each head's output gradients and weights, without forming the
+    ``[K, numel(features)]`` Jacobian). ``"all"``: both. Without ``shared_params`` every linear
+    layer counts as shared.
+    """
+    if which not in ("shared", "heads", "all"):
+        raise ValueError(f"which must be 'shared', 'heads' or 'all', got {which!r}")
     shared = None if shared_params is None else {id(p) for p in shared_params}
-    mods = [
-        m
-        for m in module.modules()
-        if type(m) is nn.Linear
-        and (shared is None or all(id(p) in shared for p in m.parameters()))
-    ]
+
+    def is_shared(m: nn.Module) -> bool:
+        return shared is None or all(id(p) in shared for p in m.parameters())
+
+    def is_head(m: nn.Module) -> bool:
+        return shared is not None and not any(id(p) in shared for p in m.parameters())
+
+    keep = {"shared": is_shared, "heads": is_head, "all": lambda m: is_shared(m) or is_head(m)}
+    mods = [m for m in module.modules() if type(m) is nn.Linear and keep[which](m)]
     return LinearCapture(mods)
 
 
@@ -119,7 +137,8 @@ def fast_backward(
     cotangents: Tensor,
     losses: Tensor,
     shared: Sequence[Tensor],
-    capture: LinearCapture,
+    records: Sequence[_Record],
+    covered: set[int],
     balancer: "Balancer",  # noqa: F821
     retain_graph: bool,
 ) -> Tensor | None:
@@ -127,14 +146,14 @@ def fast_backward(
 
     ``root`` is the tensor the ``K`` cotangents (``[K, *root.shape]``) are pushed back from: the
     stacked losses with the identity, or the shared representation with the per-task gradients
-    w.r.t. it. ``losses`` (detached) is what the balancer sees.
+    w.r.t. it. ``losses`` (detached) is what the balancer sees. ``records`` are the uses of the
+    captured shared layers in this forward pass; ``covered`` the ids of the parameters of every
+    captured shared layer (used or not).
     """
     from .balancers import GramianWeighting
 
     k = cotangents.shape[0]
-    covered = capture.covered()
-    records = [r for r in capture.records if r.output.requires_grad]
-    capture.clear()
+    records = [r for r in records if r.output.requires_grad]
     rest = [p for p in shared if id(p) not in covered]
     outputs = [r.output for r in records]
     grads = torch.autograd.grad(

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._fast import LinearCapture, fast_backward
-from .balancers import Balancer, LossWeighting
+from ._fast import LinearCapture, _Record, fast_backward
+from .balancers import Balancer, GramianWeighting, LossWeighting
 
 __all__ = ["jacobian", "mtl_backward", "task_leaves"]
 
@@ -269,44 +269,61 @@ def mtl_backward(
         return reused
 
     k = losses.shape[0]
-    records = capture.records if capture is not None and mode == "params" else []
-    # Split at the representation when every shared parameter (and captured layer use) lies
-    # below it: per-task gradients w.r.t. `features` first, then K VJPs through the encoder.
-    split = graph is not None and (
-        mode == "representation" or graph.below(shared, [r.output for r in records])
-    )
-    if split:
-        assert features is not None
-        if parts is not None:  # each task through its own head only; fills the heads' grads
-            cot = _feature_grads_per_task(parts, features, heads)
-        else:
-            if heads:
-                torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
-            eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
-            (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=True)
-            cot = zgrad if zgrad is not None else features.new_zeros((k, *features.shape))
-        root = features
-    else:
-        if heads:
-            torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
-        cot = torch.eye(k, dtype=losses.dtype, device=losses.device)
-        root = losses
     keep = extra_loss is not None
-
+    shared_ids = {id(p) for p in shared}
+    records = capture.records if capture is not None else []
     if mode == "representation":
-        assert features is not None
+        assert graph is not None and features is not None
+        if not graph.below(shared, []):
+            n_above = sum(id(p) not in graph.leaves for p in shared)
+            raise ValueError(
+                f"mode='representation': {n_above} shared parameter(s) do not feed `features`, so "
+                "one backward from the representation would give them no gradient; pass only the "
+                "encoder's parameters as shared_params, or use mode='params'"
+            )
+        head_records = [r for r in records if r.source is features and _owned_by(r, shared_ids, False)]
+        plan = (
+            _head_plan(parts, features, head_records)
+            if parts is not None and head_records and isinstance(balancer, GramianWeighting)
+            else None
+        )
         if capture is not None:
             capture.clear()
-        direction = balancer.combine(cot.reshape(k, -1), losses.detach())
-        grad_z = direction.view_as(features).to(features.dtype)
+        if plan is not None:  # the Gramian from the heads' output gradients and weights
+            grad_z = _representation_from_heads(parts, features, heads, plan, balancer, losses)
+        else:
+            cot = _feature_cotangents(parts, losses, features, heads)
+            direction = balancer.combine(cot.reshape(k, -1), losses.detach())
+            grad_z = direction.view_as(features).to(features.dtype)
         if extra_loss is not None:
             torch.autograd.backward([features, extra_loss], [grad_z, torch.ones_like(extra_loss)])
         else:
             torch.autograd.backward(features, grad_z, inputs=shared)
         return balancer.last_weights
 
-    if records:
-        weights = fast_backward(root, cot, losses.detach(), shared, capture, balancer, keep)
+    shared_records = [r for r in records if _owned_by(r, shared_ids, True)]
+    # Split at the representation when every shared parameter (and captured layer use) lies
+    # below it: per-task gradients w.r.t. `features` first, then K VJPs through the encoder.
+    if graph is not None and graph.below(shared, [r.output for r in shared_records]):
+        assert features is not None
+        root, cot = features, _feature_cotangents(parts, losses, features, heads)
+    else:
+        if heads:
+            torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
+        root, cot = losses, torch.eye(k, dtype=losses.dtype, device=losses.device)
+
+    if shared_records:
+        assert capture is not None
+        covered = {
+            id(p)
+            for m in capture.modules
+            if all(id(q) in shared_ids for q in m.parameters())
+            for p in m.parameters()
+        }
+        capture.clear()
+        weights = fast_backward(
+            root, cot, losses.detach(), shared, shared_records, covered, balancer, keep
+        )
     else:
         if capture is not None:
             capture.clear()
@@ -317,6 +334,129 @@ def mtl_backward(
     if extra_loss is not None:
         extra_loss.backward()
     return weights
+
+
+def _owned_by(record: _Record, shared_ids: set[int], shared: bool) -> bool:
+    """The record's layer has only shared (``shared=True``) or only task-specific parameters."""
+    params = list(record.module.parameters())
+    if shared:
+        return all(id(p) in shared_ids for p in params)
+    return not any(id(p) in shared_ids for p in params)
+
+
+def _feature_cotangents(
+    parts: Sequence[Tensor] | None, losses: Tensor, features: Tensor, heads: Sequence[Tensor]
+) -> Tensor:
+    """``[K, *features.shape]`` per-task gradients w.r.t. ``features``; fills the heads' grads."""
+    if parts is not None:  # each task through its own head only
+        return _feature_grads_per_task(parts, features, heads)
+    k = losses.shape[0]
+    if heads:
+        torch.autograd.backward(losses.sum(), inputs=heads, retain_graph=True)
+    eye = torch.eye(k, dtype=losses.dtype, device=losses.device)
+    (zgrad,) = _batched_grad(losses, [features], eye, retain_graph=True)
+    return zgrad if zgrad is not None else features.new_zeros((k, *features.shape))
+
+
+def _head_plan(
+    parts: Sequence[Tensor], features: Tensor, records: Sequence[_Record]
+) -> list[list[_Record]] | None:
+    """For each task, the captured head layers through which *all* of its loss reaches
+    ``features`` (``None`` when some path avoids them, e.g. a non-linear op on ``features``)."""
+    target = features.grad_fn
+    if target is None:
+        return None
+    at = {id(r.output.grad_fn): r for r in records if r.output.grad_fn is not None}
+    plan: list[list[_Record]] = []
+    for loss in parts:
+        hit: list[_Record] = []
+        seen: set[int] = set()
+        stack = [loss.grad_fn] if loss.grad_fn is not None else []
+        while stack:
+            fn = stack.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            if fn is target:
+                return None
+            r = at.get(id(fn))
+            if r is not None:
+                hit.append(r)
+                continue
+            stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+        plan.append(hit)
+    return plan
+
+
+def _representation_from_heads(
+    parts: Sequence[Tensor],
+    features: Tensor,
+    heads: Sequence[Tensor],
+    plan: Sequence[Sequence[_Record]],
+    balancer: Balancer,
+    losses: Tensor,
+) -> Tensor:
+    """Representation mode for a Gramian weighting whose heads start with linear layers.
+
+    Task ``i``'s gradient w.r.t. ``features`` is ``sum_r gy_r W_r`` over its head layers ``r``
+    (``gy_r`` the gradient at the layer's output, ``[N, D_h]``). With every ``(task, layer)`` column
+    ``c`` stacked, ``Gy = [gy_c]`` (``[N, H]``) and ``Wc = [W_c]`` (``[H, D]``), the Gramian is
+    ``S ((Gy^T Gy) * (Wc Wc^T)) S^T`` (``S`` sums the columns of each task), exact, without the
+    ``[K, N, D]`` Jacobian; the direction is ``(Gy diag(w_owner)) Wc``. The cheaper of this and the
+    plain ``K x K`` contraction of the materialised Jacobian is used.
+    """
+    assert isinstance(balancer, GramianWeighting)
+    k = len(parts)
+    d = features.shape[-1]
+    rows = features.numel() // d
+    gys: list[Tensor] = []
+    ws: list[Tensor] = []
+    owner: list[int] = []
+    owner_of_block: list[int] = []
+    for i, (loss, recs) in enumerate(zip(parts, plan)):
+        if not loss.requires_grad or not recs:
+            continue
+        outs = [r.output for r in recs]
+        grads = torch.autograd.grad(loss, [*outs, *heads], retain_graph=True, allow_unused=True)
+        for r, g in zip(recs, grads[: len(outs)]):
+            if g is not None:
+                gys.append(g.reshape(rows, -1))
+                ws.append(r.module.weight)
+                owner += [i] * gys[-1].shape[1]  # the task of each column
+                owner_of_block.append(i)
+        for p, g in zip(heads, grads[len(outs) :]):
+            if g is not None:
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+    dtype = features.dtype
+    if not gys:  # no task reaches the representation
+        balancer.last_weights = balancer.weights_from_gramian(
+            features.new_zeros(k, k), losses.detach()
+        ).detach()
+        return torch.zeros_like(features)
+    gy = torch.cat(gys, 1)  # [N, H]
+    wc = torch.cat([w.detach().to(dtype) for w in ws], 0)  # [H, D]
+    idx = torch.tensor(owner, device=features.device)
+    h = gy.shape[1]
+    if h * h * (rows + d) <= k * k * rows * d + h * rows * d:
+        c = (gy.T @ gy) * (wc @ wc.T)
+        s = torch.zeros(k, h, dtype=dtype, device=features.device)
+        s[idx, torch.arange(h, device=features.device)] = 1.0
+        gram = s @ c @ s.T
+    else:
+        jac = features.new_zeros(k, rows, d)
+        start = 0
+        for i, g in zip(owner_of_block, gys):  # blocks are in task order
+            jac[i] += g @ wc[start : start + g.shape[1]]
+            start += g.shape[1]
+        jac = jac.reshape(k, -1)
+        gram = jac @ jac.T
+    w = balancer.weights_from_gramian(gram, losses.detach())
+    balancer.last_weights = w.detach()
+    direction = (gy * w.to(dtype)[idx]) @ wc  # [N, D]
+    return direction.reshape(features.shape)
 
 
 def _feature_grads_per_task(parts: Sequence[Tensor], features: Tensor, heads: Sequence[Tensor]) -> Tensor:
