@@ -225,6 +225,18 @@ def test_registry_record(name):
     assert rec.compile == "fullgraph" or rec.compile_note
 
 
+def test_polytask_list_shows_each_architecture_with_its_paper(capsys):
+    from polytask import cli
+
+    assert cli.main(["list", "architectures"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for name in NAMES:
+        line = next((ln for ln in lines if ln.split()[:1] == [name]), None)
+        assert line is not None, f"{name} missing from `polytask list`"
+        assert info(name).paper in line
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_shapes_single_input(name):
     cfg, model = _build(name)
