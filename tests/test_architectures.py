@@ -128,10 +128,14 @@ CONFIGS: dict[str, Config] = {
         _vec,
     ),
     "mtan": Config(lambda: MTAN(_lenet(), _heads(12)), _img),
-    "cross_stitch": Config(lambda: CrossStitch(StagedMLP([6, 16, 16, 8]), _heads(8)), _vec),
-    "nddr": Config(lambda: NDDR(_lenet(), _heads(12), after_last=True), _img),
+    "cross_stitch": Config(
+        lambda: CrossStitch(StagedMLP([6, 16, 16, 8]), _heads(8)), _vec, has_encode=True
+    ),
+    "nddr": Config(lambda: NDDR(_lenet(), _heads(12), after_last=True), _img, has_encode=True),
     "ltb": Config(
-        lambda: LearningToBranch(StagedMLP([6, 16, 16, 8]), _heads(8), widths=[1, 2]), _vec
+        lambda: LearningToBranch(StagedMLP([6, 16, 16, 8]), _heads(8), widths=[1, 2]),
+        _vec,
+        has_encode=True,
     ),
     "esmm": Config(
         lambda: ESMM(
@@ -1107,6 +1111,25 @@ def test_cross_stitch_identity_mixing_is_independent_networks():
     torch.testing.assert_close(out["a"], m.heads["a"](m.columns["a"][1](m.columns["a"][0](x))))
 
 
+def test_columns_and_ltb_representation():
+    """The representation of task columns is what the last mixer reads; without a mixer (or with
+    one stage of LTB) nothing is shared and there is none."""
+    _, m = _build("cross_stitch")
+    x = _vec(3)
+    feats = m.encode(x)
+    h = [m.columns[t][1](m.mixers["0"][t]([m.columns[s][0](x) for s in TASKS])) for t in TASKS]
+    torch.testing.assert_close(feats, torch.cat(h, dim=1))  # 3 columns x 16 features
+    lonely = CrossStitch(StagedMLP([6, 8]), _heads(8))
+    with pytest.raises(NotImplementedError, match="independent"):
+        lonely.encode(x)
+    one_stage = LearningToBranch(StagedMLP([6, 8]), _heads(8))
+    assert one_stage(x)["c"].shape == (3, 3)
+    with pytest.raises(NotImplementedError, match="one stage"):
+        one_stage.encode(x)
+    _, ltb = _build("ltb")
+    assert ltb.encode(x).shape == (3, 2 * 16)  # the two nodes of stage 1
+
+
 def test_nddr_initialisation():
     torch.manual_seed(0)
     m = NDDR(StagedMLP([6, 4, 4]), {"a": nn.Linear(4, 1), "b": nn.Linear(4, 1)}, batch_norm=False)
@@ -1135,6 +1158,8 @@ def test_ltb_finalize():
         seen |= set(own)
     assert seen == all_ids
     assert all(not p.requires_grad for p in unused.values())
+    with pytest.raises(NotImplementedError, match="finalize"):
+        m.encode(x)  # the shared part of the finalized tree differs per task
     # the stage-0 root (width 1) is on every path
     assert {id(p) for p in m.nodes[0][0].parameters()} <= set(shared)
     m.train()

@@ -18,7 +18,7 @@ from ._blocks import (
     _stages_of,
     stage_shapes_of,
 )
-from ._common import Result, _Model, check_heads, reset_parameters, unique_params
+from ._common import Result, _Model, check_heads, pack, reset_parameters, unique_params, unpack
 
 
 def _columns(
@@ -92,6 +92,34 @@ class _ColumnsModel(_Model):
                 h = {t: self.mixers[str(j)][t](xs) for t in rows}
         return {t: self.heads[t](h[t]) for t in tasks}, None, {}
 
+    # The representation: every column's output of the stage before the last mixer (what the
+    # last mixer's task rows read). Only shared parameters (the stage copies up to there and the
+    # earlier mixers) feed it, and they reach the tasks only through it.
+    _has_encode = True
+
+    def _no_representation(self) -> str | None:
+        if not self.mix_at:
+            return "no mixing layer: the task columns are independent networks"
+        return None
+
+    def _encode(self, x: Any, tasks: tuple[str, ...]) -> tuple[Tensor, Any]:
+        last_mix = self._last_mix
+        h: dict[str, Any] = {t: x for t in self.task_names}
+        for j in range(last_mix + 1):
+            h = {t: self.columns[t][j](h[t]) for t in self.task_names}
+            if j < last_mix:
+                xs = [h[s] for s in self.task_names]
+                h = {t: self.mixers[str(j)][t](xs) for t in self.task_names}
+        return pack([h[t] for t in self.task_names])
+
+    def _decode(self, features: Tensor, ctx: Any, tasks: tuple[str, ...]) -> Result:
+        xs = unpack(features, ctx)
+        last_mix = self._last_mix
+        h = {t: self.mixers[str(last_mix)][t](xs) for t in tasks}
+        for j in range(last_mix + 1, self.n_stages):
+            h = {t: self.columns[t][j](h[t]) for t in tasks}
+        return {t: self.heads[t](h[t]) for t in tasks}, None, {}
+
     def _owned(self, task: str) -> list[Any]:
         last_mix = self._last_mix
         owned: list[Any] = [self.heads[task]]
@@ -137,6 +165,7 @@ class CrossStitchUnit(nn.Module):
     paper="Misra, Shrivastava, Gupta & Hebert, 'Cross-stitch Networks for Multi-task Learning', "
     "CVPR 2016",
     description="One encoder copy per task, linearly mixed by cross-stitch units between stages.",
+    representation="config",
     needs_staged_encoder=True,
 )
 class CrossStitch(_ColumnsModel):
@@ -163,9 +192,12 @@ class CrossStitch(_ColumnsModel):
     all but the last unit. Task ``t``: its row of the last unit, its copies of the stages after
     the last unit, its head. Each task row of a unit is its own parameter (``[T]``).
 
-    No common representation: ``encode`` raises ``NotImplementedError``. Multi-input batches
-    ``{task: x_t}``: the whole network runs on ``x_t`` (units mix samples of one batch) and task
-    ``t``'s output is kept.
+    Representation: every task column's output of the stage before the last unit (what the last
+    unit's task rows read), flattened and concatenated to ``[B, T * F]``; ``decode`` applies the
+    last unit, the stages after it and the heads. Without any unit (one stage,
+    ``after_last=False``) the columns share nothing and ``encode`` raises
+    ``NotImplementedError``. Multi-input batches ``{task: x_t}``: the whole network runs on
+    ``x_t`` (units mix samples of one batch) and task ``t``'s output is kept.
 
     Example:
         >>> import torch
@@ -232,6 +264,7 @@ class NDDRLayer(nn.Module):
     paper="Gao, Ma, Zhao, Liu & Yuille, 'NDDR-CNN: Layerwise Feature Fusing in Multi-Task CNNs by "
     "Neural Discriminative Dimensionality Reduction', CVPR 2019",
     description="One encoder copy per task, fused by NDDR layers (concat + 1x1 conv).",
+    representation="config",
     needs_staged_encoder=True,
 )
 class NDDR(_ColumnsModel):
@@ -256,9 +289,9 @@ class NDDR(_ColumnsModel):
         after_last: also place NDDR layers after the last stage.
         reinit: re-initialise each deep copy.
 
-    Shared parameters / task parameters: as :class:`CrossStitch` (the last NDDR layers are
-    task-specific). No common representation; multi-input batches run the whole network per
-    task input.
+    Shared parameters / task parameters, representation: as :class:`CrossStitch` (the last NDDR
+    layers are task-specific; the representation is what they read). Multi-input batches run the
+    whole network per task input.
 
     Example:
         >>> import torch

@@ -12,13 +12,14 @@ from torch import Tensor, nn
 
 from ._base import register
 from ._blocks import _stages_of
-from ._common import Result, _Model, check_heads, reset_parameters, unique_params
+from ._common import Result, _Model, check_heads, pack, reset_parameters, unique_params, unpack
 
 
 @register(
     "ltb",
     paper="Guo, Lee & Ulbricht, 'Learning to Branch for Multi-Task Learning', ICML 2020",
     description="Tree of stage copies; each node picks its parent by Gumbel-softmax.",
+    representation="config",
     gates=True,
     needs_staged_encoder=True,
 )
@@ -50,8 +51,12 @@ class LearningToBranch(_Model):
     are shared, nodes on one task's path belong to it, and the branching logits and nodes on no
     path are frozen (``requires_grad=False``) and listed by :meth:`unused_parameters`.
 
-    No common representation: ``encode`` raises ``NotImplementedError``. Multi-input batches:
-    the tree runs on each task's input and task ``t``'s output is kept.
+    Representation (before :meth:`finalize`, with at least two stages): the outputs of all nodes
+    of stage ``L - 2``, flattened and concatenated to ``[B, widths[L-2] * F]`` (what the task
+    nodes of the last stage read); ``decode`` samples the last stage's branching weights and runs
+    its nodes and the heads. After :meth:`finalize` ``encode`` raises ``NotImplementedError``
+    (the shared part of the tree then differs per task). Multi-input batches: the tree runs on
+    each task's input and task ``t``'s output is kept.
 
     ``last_gate_weights``: ``{"<stage>/<node>": [widths[stage - 1]]}`` branching weights of the
     last forward (one sample per forward).
@@ -130,25 +135,58 @@ class LearningToBranch(_Model):
             return F.gumbel_softmax(alpha, tau=self.temperature, hard=self.hard)
         return F.one_hot(alpha.argmax(), alpha.numel()).to(alpha.dtype)
 
-    def _forward(self, x: Any, tasks: tuple[str, ...]) -> Result:
-        idx = [self.task_names.index(t) for t in tasks]
+    # Before finalize() the representation is the outputs of all nodes of stage L-2 (what the
+    # last stage's task nodes read): only shared parameters feed them and they reach the tasks only
+    # through them (the last stage's branching logits belong to its task nodes).
+    _has_encode = True
+
+    def _no_representation(self) -> str | None:
         if self._final:
+            return "after finalize() the shared part of the tree differs per task"
+        if self.n_stages < 2:
+            return "one stage: the task nodes share nothing"
+        return None
+
+    def _mix(self, j: int, i: int, stacked: Tensor) -> tuple[Tensor, Tensor]:
+        w = self._weights(j, i)
+        return (w.reshape((-1,) + (1,) * (stacked.dim() - 1)) * stacked).sum(dim=0), w.detach()
+
+    def _forward(self, x: Any, tasks: tuple[str, ...]) -> Result:
+        if self._final:
+            idx = [self.task_names.index(t) for t in tasks]
             return self._forward_final(x, tasks, idx), None, {}
+        if self.n_stages < 2:
+            return (
+                {t: self.heads[t](self.nodes[0][self.task_names.index(t)](x)) for t in tasks},
+                None,
+                {},
+            )
+        feats, ctx = self._encode(x, tasks)
+        return self._decode(feats, ctx, tasks)
+
+    def _encode(self, x: Any, tasks: tuple[str, ...]) -> tuple[Tensor, Any]:
         gates: dict[str, Tensor] = {}
-        needed = [range(w) for w in self.widths[:-1]] + [idx]
-        outs: list[Tensor | None] = [None] * self.widths[0]
-        for i in needed[0]:
-            outs[i] = self.nodes[0][i](x)
-        for j in range(1, self.n_stages):
-            stacked = torch.stack(outs, dim=0)  # type: ignore[arg-type]
-            new: list[Tensor | None] = [None] * self.widths[j]
-            for i in needed[j]:
-                w = self._weights(j, i)
-                inp = (w.reshape((-1,) + (1,) * (stacked.dim() - 1)) * stacked).sum(dim=0)
-                new[i] = self.nodes[j][i](inp)
-                gates[f"{j}/{i}"] = w.detach()
+        outs = [node(x) for node in self.nodes[0]]
+        for j in range(1, self.n_stages - 1):
+            stacked = torch.stack(outs, dim=0)
+            new = []
+            for i, node in enumerate(self.nodes[j]):
+                inp, gates[f"{j}/{i}"] = self._mix(j, i, stacked)
+                new.append(node(inp))
             outs = new
-        return {t: self.heads[t](outs[i]) for t, i in zip(tasks, idx, strict=True)}, None, gates
+        features, layout = pack(outs)
+        return features, {"layout": layout, "gates": gates}
+
+    def _decode(self, features: Tensor, ctx: Any, tasks: tuple[str, ...]) -> Result:
+        gates = dict(ctx["gates"])
+        stacked = torch.stack(unpack(features, ctx["layout"]), dim=0)
+        j = self.n_stages - 1
+        out: dict[str, Tensor] = {}
+        for t in tasks:
+            i = self.task_names.index(t)
+            inp, gates[f"{j}/{i}"] = self._mix(j, i, stacked)
+            out[t] = self.heads[t](self.nodes[j][i](inp))
+        return out, None, gates
 
     def _forward_final(self, x: Any, tasks: tuple[str, ...], idx: list[int]) -> dict[str, Tensor]:
         cache: dict[tuple[int, int], Tensor] = {}
