@@ -108,12 +108,19 @@ class PCGrad(GramianWeighting):
         self.order = _check_order("pcgrad", order)
 
     def weights_from_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
+        return self.projection_coefficients(gramian).sum(0)
+
+    def projection_coefficients(self, gramian: Tensor) -> Tensor:
+        """``C`` (``[K, K]``) with ``g_i^PC = C[i] @ J``: each task's projected gradient.
+
+        Draws the visiting orders (with ``order="random"``) like one step does.
+        """
         k = gramian.shape[0]
         device = gramian.device
         eye = torch.eye(k, dtype=gramian.dtype, device=device)
         sq_norms = torch.diagonal(gramian)
         safe_sq = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms))
-        total = torch.zeros(k, dtype=gramian.dtype, device=device)
+        rows_pc = []
         for i in range(k):
             # Rows of G, unit vectors and squared norms in task i's visiting order: indexing by
             # tensors keeps the loop free of host reads; visiting i itself is a no-op (masked).
@@ -127,8 +134,8 @@ class PCGrad(GramianWeighting):
                 dot = rows[step] @ coeffs
                 conflict = (dot < 0) & other[step]
                 coeffs = coeffs - units[step] * torch.where(conflict, dot / sq[step], 0.0)
-            total = total + coeffs
-        return total
+            rows_pc.append(coeffs)
+        return torch.stack(rows_pc)
 
 
 # ------------------------------------------------------------------------------------------------
