@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -489,3 +490,109 @@ def test_lazy_buffer_shape_change_is_an_error():
 def test_methods_needing_losses_say_so(name):
     with pytest.raises(ValueError, match="losses"):
         B.create(name, 2).combine(torch.ones(2, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# modo / sdmgrad (multi-batch), against the reference algorithms written out in numpy
+# ------------------------------------------------------------------------------------------------
+def _ref_projection2simplex(y):
+    """The loop of the MoDo reference code (Trade-Off-MOL / LibMTL ``_projection2simplex``)."""
+    m = len(y)
+    sorted_y = np.sort(y)[::-1]
+    tmpsum = 0.0
+    tmax_f = (np.sum(y) - 1.0) / m
+    for i in range(m - 1):
+        tmpsum += sorted_y[i]
+        tmax = (tmpsum - 1) / (i + 1.0)
+        if tmax > sorted_y[i + 1]:
+            tmax_f = tmax
+            break
+    return np.maximum(y - tmax_f, 0.0)
+
+
+def _ref_euclidean_proj_simplex(v, s=1):
+    """The projection of the SDMGrad reference code (``euclidean_proj_simplex``)."""
+    n = v.shape[0]
+    if v.sum() == s and np.all(v >= 0):
+        return v
+    u = np.sort(v)[::-1]
+    cssv = np.cumsum(u)
+    rho = np.nonzero(u * np.arange(1, n + 1) > (cssv - s))[0][-1]
+    theta = float(cssv[rho] - s) / (rho + 1)
+    return (v - theta).clip(min=0)
+
+
+@pytest.mark.parametrize("n_samples", [2, 3])
+def test_modo_steps_follow_reference(n_samples):
+    g = torch.Generator().manual_seed(3)
+    b = B.create("modo", 3, gamma=0.3, rho=0.1, n_samples=n_samples)
+    lam = np.full(3, 1 / 3)
+    for _ in range(3):
+        stack = torch.randn(n_samples, 3, 4, generator=g, dtype=F64)
+        out = b.combine(stack)
+        j = stack.numpy()
+        lam = _ref_projection2simplex(lam - 0.3 * (j[0] @ (j[1].T @ lam) + 0.1 * lam))
+        expected = 0.5 * lam @ (j[0] + j[1]) if n_samples == 2 else lam @ j[2]
+        close(b.last_weights, lam, rtol=1e-12, atol=1e-14)
+        close(out, expected, rtol=1e-12, atol=1e-14)
+    assert b.info.n_batches == n_samples
+
+
+def test_modo_defaults_and_single_batch_form():
+    rec = B.info("modo")
+    assert rec.hparams == {"gamma": 0.1, "rho": 0.1, "n_samples": 2}
+    assert rec.protocol == ("extra_batch",) and rec.n_batches == 2 and rec.stateful
+    jac = t([1.0, 0.0], [0.0, 2.0])
+    b = B.create("modo", 2)
+    out = b.combine(jac)
+    lam = _ref_projection2simplex(np.full(2, 0.5) - 0.1 * (np.array([[1.0, 0], [0, 4.0]])
+                                                            @ np.full(2, 0.5) + 0.05))
+    close(b.last_weights, lam)
+    close(out, torch.from_numpy(lam) @ jac)
+    with pytest.raises(ValueError, match="n_samples"):
+        B.create("modo", 2, n_samples=4)
+
+
+def _ref_sdmgrad(w, zeta, xi1, xi2, lamda, niter, lr=10.0, momentum=0.5, max_norm=1.0):
+    """OptMN-Lab/sdmgrad ``SDMGrad.sdmgrad`` + ``overwrite_grad`` + ``clip_grad_norm_``, in
+    numpy (rows are tasks); the diagonal is clamped at 0 as in LibMTL."""
+    k = zeta.shape[0]
+    gg = xi1 @ xi2.T
+    scale = np.mean(np.sqrt(np.clip(np.diag(gg), 0, None) + 1e-4))
+    gg = gg / scale**2
+    gg_mean = gg.mean(1)
+    buf = None
+    for _ in range(niter):  # torch.optim.SGD(lr, momentum), a fresh optimiser each call
+        grad = gg @ w + lamda * gg_mean
+        buf = grad.copy() if buf is None else momentum * buf + grad
+        w = _ref_euclidean_proj_simplex(w - lr * buf)
+    g = (w @ zeta + lamda * zeta.mean(0)) / (1 + lamda) * k
+    norm = np.linalg.norm(g)
+    return w, g * min(1.0, max_norm / (norm + 1e-6))
+
+
+def test_sdmgrad_steps_follow_reference():
+    g = torch.Generator().manual_seed(4)
+    b = B.create("sdmgrad", 3)
+    w = np.full(3, 1 / 3)
+    for scale_ in (0.01, 1.0, 0.3):  # small steps: no clipping; large: clipped to max_norm
+        stack = scale_ * torch.randn(3, 3, 5, generator=g, dtype=F64)
+        out = b.combine(stack)
+        z, x1, x2 = stack.numpy()
+        w, expected = _ref_sdmgrad(w, z, x1, x2, lamda=0.3, niter=20)
+        close(b.w, w, rtol=1e-10, atol=1e-12)
+        close(out, expected, rtol=1e-10, atol=1e-12)
+    rec = B.info("sdmgrad")
+    assert rec.hparams == {"lamda": 0.3, "niter": 20, "lr": 10.0, "momentum": 0.5, "max_norm": 1.0}
+    assert rec.n_batches == 3 and rec.modes == ("params",)
+
+
+def test_simplex_projections_agree_with_references():
+    g = np.random.default_rng(0)
+    from polytask.balancers._solvers import project_to_simplex
+
+    for _ in range(200):
+        v = g.normal(size=int(g.integers(1, 7))) * g.choice([0.1, 1.0, 10.0])
+        ours = project_to_simplex(torch.from_numpy(v)).numpy()
+        np.testing.assert_allclose(ours, _ref_projection2simplex(v), atol=1e-12)
+        np.testing.assert_allclose(ours, _ref_euclidean_proj_simplex(v), atol=1e-12)

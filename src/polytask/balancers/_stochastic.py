@@ -85,7 +85,8 @@ class MoDo(_StateMixin, MultiBatchWeighting):
         self.n_samples = int(n_samples)
         if n_samples != type(self).info.n_batches:
             self.info = replace(type(self).info, n_batches=n_samples)
-        self.register_buffer("lambd", torch.full((n_tasks,), 1.0 / n_tasks))
+        # float64 until the first call (then the data's dtype): 1/K is exact in float64 data
+        self.register_buffer("lambd", torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64))
 
     def weights_from_batch_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         cross = gramian[0, :, 1, :]  # J_1 J_2^T
@@ -180,7 +181,7 @@ class SDMGrad(_StateMixin, MultiBatchWeighting):
         self.lr = float(lr)
         self.momentum = float(momentum)
         self.max_norm = float(max_norm)
-        self.register_buffer("w", torch.full((n_tasks,), 1.0 / n_tasks))
+        self.register_buffer("w", torch.full((n_tasks,), 1.0 / n_tasks, dtype=torch.float64))
 
     def weights_from_batch_gramian(self, gramian: Tensor, losses: Tensor | None) -> Tensor:
         K = self.n_tasks
