@@ -715,6 +715,47 @@ def test_trainer_step_with_each_architecture(name):
         assert any(moved), f"{name}: no shared parameter moved"
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_trainer_step_with_multi_input_batches(name):
+    """A multi-input batch through the trainer: each task reads its own input (input_key lists
+    the task names) and its own targets; the trainer falls back from encode to model(x) and trains
+    in params mode with a Gramian balancer."""
+    from polytask.trainer import Trainer, TrainerConfig
+
+    cfg = _cfg(name)
+    _, model = _build(name)
+    sizes = dict(zip(cfg.tasks, (3, 4, 5), strict=False))
+    g = torch.Generator().manual_seed(5)
+    batch: dict[str, Any] = {t: cfg.make_input(sizes[t]) for t in cfg.tasks}
+    for t in cfg.tasks:
+        batch[f"y_{t}"] = torch.randn(sizes[t], cfg.out_dims[t], generator=g)
+    tasks = TaskSet(
+        [
+            Task(
+                t,
+                lambda pred, target: (pred - target).pow(2).mean(),
+                kind="custom",
+                target=f"y_{t}",
+            )
+            for t in cfg.tasks
+        ]
+    )
+    before = [p.detach().clone() for p in model.shared_parameters()]
+    trainer = Trainer(
+        model,
+        tasks,
+        balancers.create(GRAMIAN, len(cfg.tasks)),
+        lambda p: torch.optim.SGD(p, lr=0.05),
+        config=TrainerConfig(progress=False, device="cpu", input_key=list(cfg.tasks)),
+    )
+    out = trainer.train_step(batch)
+    assert torch.isfinite(out["losses"]).all() and out["weights"].shape == (len(cfg.tasks),)
+    assert out["counts"].tolist() == [sizes[t] for t in cfg.tasks]
+    assert any(
+        not torch.equal(b, p) for b, p in zip(before, model.shared_parameters(), strict=True)
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile: the record's claim, checked either way
 # --------------------------------------------------------------------------------------------
