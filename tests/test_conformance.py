@@ -364,3 +364,32 @@ def test_stacked_wrong_shape_is_an_error(name: str) -> None:
         b.combine(torch.randn(n + 1, K, P))
     with pytest.raises(ValueError, match=rf"\[{n}, {K}\]"):
         b.combine(torch.randn(n, K, P), torch.ones(K))
+
+
+# ------------------------------------------------------------------------------------------------
+# documentation
+# ------------------------------------------------------------------------------------------------
+def _doc_rows() -> dict[str, str]:
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "balancers.md"
+    rows = {}
+    for line in doc.read_text().splitlines():
+        if line.startswith("| `"):
+            rows[line.split("`")[1]] = line
+    return rows
+
+
+def test_docs_list_every_method_with_its_record() -> None:
+    rows = _doc_rows()
+    assert sorted(rows) == NAMES, set(rows) ^ set(NAMES)
+    family = {"losses": "loss", "gramian": "gramian", "jacobian": "jacobian"}
+    for name, row in rows.items():
+        rec = B.info(name)
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].startswith(family[rec.needs]), (name, cells[1])
+        assert cells[2] == rec.paper, name
+        for k, v in rec.hparams.items():
+            assert f"`{k}={v!r}`" in cells[4], (name, k)
+        if rec.protocol:
+            assert all(p in cells[5] for p in rec.protocol), name

@@ -26,10 +26,19 @@ def _cmd_list(args: argparse.Namespace) -> int:
                 caps.append("learnable")
             if rec.protocol:
                 caps.append("protocol=" + "+".join(rec.protocol))
+            if rec.n_batches > 1:
+                caps.append(f"batches={rec.n_batches}")
             if rec.mode:
                 caps.append(f"mode={rec.mode}")
             print(f"  {name:<16} {rec.description}")
             print(f"  {'':<16} [{', '.join(caps)}] {rec.paper}")
+        from . import strategies
+
+        print("training strategies (Trainer(strategy=...)):")
+        for name in strategies.available():
+            srec = strategies.info(name)
+            print(f"  {name:<16} {srec.description}")
+            print(f"  {'':<16} [protocol={'+'.join(srec.protocol)}] {srec.paper}")
     if what in ("all", "architectures"):
         print("architectures:")
         for name in architectures.available():
