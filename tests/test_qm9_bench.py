@@ -166,6 +166,10 @@ def test_quick_protocol_is_registered_and_sized():
     # the quick protocol shrinks data and width only; the training rules are the full ones
     for k in ("lr", "scheduler", "selection", "energies", "loss", "targets"):
         assert quick.settings[k] == full.settings[k]
+    assert len(quick.seeds) >= 3 and len(full.seeds) >= 3
+    assert len(quick.default_methods) >= 8 and len(full.default_methods) >= 8
+    assert quick.settings["n_molecules"] < 130_831 and full.settings["n_molecules"] is None
+    assert suite.planned_epochs("stl", quick) == 11 * quick.settings["epochs"]
 
 
 @pytest.mark.skipif(not qm9_available(), reason="QM9 files not available offline")

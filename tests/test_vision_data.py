@@ -1,5 +1,6 @@
 """Vision loaders on small fixtures written in the real on-disk layouts (no download)."""
 
+import json
 import urllib.error
 
 import numpy as np
@@ -210,3 +211,145 @@ def test_sources_keep_upstream_locations_and_checksums():
     assert vision.SOURCES["nyuv2"].sizes == {"train": 795, "val": 654}
     assert vision.SOURCES["cityscapes"].sizes == {"train": 2975, "val": 500}
     assert all(f.url.startswith("https://") for s in vision.SOURCES.values() for f in s.files)
+
+
+# ------------------------------------------------------------------------------------------------
+# the GPU suites, end to end on the fixtures (CPU, tiny network)
+# ------------------------------------------------------------------------------------------------
+def _tiny(suite, **over):
+    import json as _json
+
+    from polytask.bench import Protocol
+
+    s = _json.loads(_json.dumps(suite.protocol(True).settings))
+    s["trainer"]["epochs"] = 2
+    s["data"]["batch_size"] = s["data"]["eval_batch_size"] = 2
+    s["data"]["num_workers"] = 0
+    for k, v in over.items():
+        s[k] = v
+    return Protocol(suite.name, "test", s, seeds=(0,))
+
+
+@pytest.mark.parametrize("name", ["nyuv2", "cityscapes"])
+def test_dense_suites_run_end_to_end_on_fixtures(tmp_path, monkeypatch, nyu_root, city_root, name):
+    from polytask import bench
+
+    root = nyu_root if name == "nyuv2" else city_root
+    monkeypatch.setenv(f"POLYTASK_{name.upper()}_ROOT", str(root))
+    suite = bench.get_suite(name)
+    full = suite.protocol(False).settings
+    assert full["trainer"]["epochs"] == 200 and full["optimizer"] == {"name": "adam", "lr": 1e-4}
+    assert full["scheduler"] == {"name": "step", "step_size": 100, "gamma": 0.5}
+    assert full["network"]["filters"] == [64, 128, 256, 512, 512]
+    assert full["data"]["batch_size"] == (2 if name == "nyuv2" else 8)
+    proto = _tiny(suite, network={"name": "segnet_mtan", "filters": [4, 8]})
+    proto.settings["data"]["options"]["val_size"] = 1
+    proto.settings["trainer"]["epochs"] = 1
+    proto.settings["grad_conflict_batches"] = 1
+    summary = bench.run_protocol(suite, proto, ["pcgrad"], 1, out_dir=tmp_path / "res",
+                                 progress=False, threads=1)
+    tasks = ["segmentation", "depth"] + (["normal"] if name == "nyuv2" else [])
+    rows = summary["rows"]
+    assert set(rows) == {"stl", "pcgrad"}
+    expect = {"segmentation/miou", "segmentation/pix_acc", "depth/abs_err", "depth/rel_err"}
+    if name == "nyuv2":
+        expect |= {"normal/mean_angle", "normal/median_angle", "normal/within_11.25",
+                   "normal/within_22.5", "normal/within_30"}
+    assert set(summary["metrics"]) == expect
+    for m in ("pcgrad",):
+        vals = {k: rows[m]["metrics"][k]["mean"] for k in expect}
+        assert all(v == v for v in vals.values())  # no NaN
+        assert 0 <= vals["segmentation/miou"] <= vals["segmentation/pix_acc"] <= 1
+        assert rows[m]["delta_m"] is not None
+    stl = json.loads((tmp_path / "res" / "stl" / "seed0.json").read_text())["result"]
+    assert set(stl["extras"]["best_epoch"]) == set(tasks)
+    report = (tmp_path / "res" / "report.md").read_text()
+    assert "Published numbers" in report and "does NOT match" in report
+    if name == "nyuv2":
+        assert "Nash-MTL" in report and "0.3830" in report  # the published STL metrics
+
+
+def test_celeba_suite_runs_end_to_end_on_fixtures(tmp_path, monkeypatch):
+    from polytask import bench
+
+    write_celeba(tmp_path / "celeba", n=13)  # 8 training images: no batch of one for BN
+    monkeypatch.setenv("POLYTASK_CELEBA_ROOT", str(tmp_path / "celeba"))
+    suite = bench.get_suite("celeba")
+    full = suite.protocol(False).settings
+    assert full["trainer"]["epochs"] == 15 and full["optimizer"]["lr"] == 3e-4
+    assert full["data"]["batch_size"] == 256 and full["data"]["options"]["image_size"] == [64, 64]
+    proto = _tiny(suite, network={"name": "celeba_cnn", "width": 0.0625})
+    proto.settings["data"]["options"] = {"image_size": [16, 16],
+                                         "attributes": ["Smiling", "Male", "Young"]}
+    summary = bench.run_protocol(suite, proto, ["mean"], 1, out_dir=tmp_path / "res",
+                                 progress=False, threads=1)
+    assert set(summary["metrics"]) == {"Smiling/f1", "Male/f1", "Young/f1"}
+    f1 = summary["rows"]["mean"]["metrics"]["Smiling/f1"]["mean"]
+    assert 0.0 <= f1 <= 1.0
+    # Δm needs non-zero STL F1 scores; a tiny fixture may give zero, which the notes then say
+    assert summary["rows"]["mean"]["delta_m"] is not None or any("no Δm" in n for n in summary["notes"])
+    assert "FAMO" in (tmp_path / "res" / "report.md").read_text()
+
+
+def test_dense_metrics_against_hand_computed_values():
+    from polytask.bench.vision import DepthError, NormalAngle, SegmentationScore, normal_task
+
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, generator=rng)
+    target = torch.randint(-1, 4, (2, 3, 5), generator=rng)
+    pred = logits.argmax(1)
+    valid = target >= 0
+    m_acc, m_iou = SegmentationScore(4, "pix_acc"), SegmentationScore(4, "miou")
+    for m in (m_acc, m_iou):
+        m.update(logits[:1], target[:1])
+        m.update(logits[1:], target[1:])
+    assert float(m_acc.compute()) == pytest.approx(float((pred == target)[valid].float().mean()))
+    ious = []
+    for c in range(4):
+        inter = ((pred == c) & (target == c) & valid).sum()
+        union = (((pred == c) | (target == c)) & valid).sum()
+        if union:
+            ious.append(float(inter) / float(union))
+    assert float(m_iou.compute()) == pytest.approx(np.mean(ious))
+
+    d_pred = torch.rand(2, 1, 3, 5, generator=rng) + 0.5
+    d_true = torch.rand(2, 1, 3, 5, generator=rng) + 0.5
+    d_true[0, 0, 0, 0] = 0.0
+    mask = d_true != 0
+    m = DepthError("rel")
+    m.update(d_pred, d_true)
+    ref = ((d_pred - d_true).abs() / d_true)[mask].mean()
+    assert float(m.compute()) == pytest.approx(float(ref), rel=1e-6)
+
+    n_true = torch.nn.functional.normalize(torch.randn(1, 3, 20, 20, generator=rng), dim=1)
+    n_pred = torch.nn.functional.normalize(torch.randn(1, 3, 20, 20, generator=rng), dim=1)
+    ang = torch.rad2deg(torch.acos((n_true * n_pred).sum(1).clamp(-1, 1))).flatten().double()
+    for which, ref in (("mean", ang.mean()), ("median", ang.median()),
+                       ("within_22.5", (ang < 22.5).double().mean())):
+        m = NormalAngle(which)
+        m.update(n_pred, n_true)
+        assert float(m.compute()) == pytest.approx(float(ref), abs=0.02)
+    task = normal_task("normal")
+    assert float(task.loss(n_true, n_true)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="normal"):
+        task.loss(n_true[:, :2], n_true[:, :2])
+
+
+def test_scale_crop_flip_keeps_targets_consistent(nyu_root):
+    import random as _random
+
+    from polytask.bench.vision import ScaleCropFlip
+
+    data = nyuv2(nyu_root)
+    aug = ScaleCropFlip(data.train, scales=(1.5,), flip=True)
+    _random.seed(3)
+    for i in range(len(data.train)):
+        s = aug[i]
+        assert s["x"].shape == (3, H, W) and s["segmentation"].shape == (H, W)
+        assert s["segmentation"].dtype == torch.int64
+        assert set(s["segmentation"].unique().tolist()) <= set(range(-1, 13))
+        assert s["depth"].shape == (1, H, W) and s["normal"].shape == (3, H, W)
+    # scale 1 without flip is the identity
+    ident = ScaleCropFlip(data.train, scales=(1.0,), flip=False)[0]
+    assert torch.allclose(ident["x"], data.train[0]["x"]) and torch.equal(
+        ident["segmentation"], data.train[0]["segmentation"])

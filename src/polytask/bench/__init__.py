@@ -12,7 +12,7 @@ Run one from Python (``polytask bench SUITE`` from the shell)::
 See ``docs/benchmarks.md`` for the protocols, measured run times and how to read the reports.
 """
 
-from . import qm9, suites, toy  # noqa: F401  (register the toy, QM9, image, tabular and text suites)
+from . import qm9, suites, toy, vision  # noqa: F401  (register every suite)
 from ._runner import (
     MemoryMeter,
     aggregate,

@@ -227,7 +227,9 @@ def resolve_methods(
         chosen = list(dict.fromkeys(methods))
         unknown = [m for m in chosen if m not in known]
         if STL in chosen:
-            raise ValueError(f"{STL!r} is the single-task baseline, run for every seed; not a method")
+            raise ValueError(
+                f"{STL!r} is the single-task baseline, run for every seed; not a method"
+            )
         if unknown:
             raise ValueError(
                 f"suite {suite.name!r}: unknown method(s) {unknown}; available: {sorted(known)}"
@@ -343,7 +345,9 @@ def aggregate(
                     notes.append(f"{name} seed {r.seed}: no Δm ({err})")
             row["delta_m"] = _stats(deltas) if deltas else None
             if baselines and len(deltas) < len(runs):
-                notes.append(f"{name}: Δm over {len(deltas)} of {len(runs)} seeds (baseline missing)")
+                notes.append(
+                    f"{name}: Δm over {len(deltas)} of {len(runs)} seeds (baseline missing)"
+                )
         rows[name] = row
     methods = [m for m in order if m != STL]
     if methods and hib:
@@ -372,7 +376,8 @@ def _threads(n: int | None) -> Iterator[None]:
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="run", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.05)
 
 
 def run_protocol(
@@ -396,6 +401,8 @@ def run_protocol(
     baselines).
     """
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
+    if threads is None:
+        threads = suite.default_threads
     chosen, skipped = resolve_methods(suite, protocol, methods)
     seed_list = resolve_seeds(protocol, seeds)
     if skipped:
@@ -434,11 +441,24 @@ def run_protocol(
             device = pick_device(suite.device)
             with _threads(threads):
                 suite.prepare(protocol)
-                bar = _progress_bar(len(todo), f"{suite.name} runs", progress)
+                # one bar over every epoch of every run still to do: runs done, epochs, ETA
+                planned = {p: suite.planned_epochs(p[0], protocol) for p in todo}
+                bar = _progress_bar(sum(planned.values()), suite.name, progress)
+                bar.set_description_str(f"{suite.name}: run 0/{len(todo)}")
                 try:
-                    for m, s in todo:
+                    for i, (m, s) in enumerate(todo):
+                        bar.set_description_str(f"{suite.name}: run {i + 1}/{len(todo)}")
                         bar.set_postfix_str(f"{m} seed {s}")
                         work = root / m / f"seed{s}"
+                        start = bar.n
+                        budget = planned[(m, s)]
+
+                        def advance(n: int = 1, _start: int = start, _budget: int = budget) -> None:
+                            n = min(int(n), _start + _budget - bar.n)  # never past this run's share
+                            if n > 0:
+                                bar.update(n)
+
+                        suite.advance = advance  # type: ignore[method-assign]
                         t0 = time.perf_counter()
                         with MemoryMeter(device) as meter:
                             if m == STL:
@@ -446,6 +466,7 @@ def run_protocol(
                             else:
                                 r = suite.run(m, s, protocol, work)
                         wall = time.perf_counter() - t0
+                        advance(budget)  # early-stopped runs: their remaining epochs are done
                         r.peak_memory_mb = meter.peak_mb
                         r.extras["memory"] = meter.record()
                         r.extras.setdefault("wall_time_s", wall)
@@ -460,11 +481,11 @@ def run_protocol(
                                 },
                             )
                         done[(m, s)] = r
-                        bar.update(1)
                         if on_result is not None:
                             on_result(m, s, r)
                 finally:
                     bar.close()
+                    suite.advance = Suite.advance.__get__(suite)  # type: ignore[method-assign]
         baselines = [done[(STL, s)] for s in seed_list if (STL, s) in done]
         results = {m: [done[(m, s)] for s in seed_list if (m, s) in done] for m in chosen}
         summary = aggregate(results, baselines)
@@ -473,7 +494,8 @@ def run_protocol(
             summary["notes"].append(f"runs not (yet) done: {', '.join(missing)}")
         if skipped:
             summary["notes"].append(
-                f"default methods not registered in this installation, skipped: {', '.join(skipped)}"
+                "default methods not registered in this installation, skipped: "
+                + ", ".join(skipped)
             )
         summary.update(
             {
@@ -491,10 +513,8 @@ def run_protocol(
             if report:
                 from ._report import write_report
 
-                summary["report"] = {
-                    k: str(v)
-                    for k, v in write_report(suite, protocol, summary, baselines, results, root).items()
-                }
+                written = write_report(suite, protocol, summary, baselines, results, root)
+                summary["report"] = {k: str(v) for k, v in written.items()}
         return summary
 
 
@@ -516,8 +536,8 @@ def run_suite(
     ``results/<suite>[-quick]/<method>/seed<N>.json`` and reused on a later call when its protocol
     matches (rerun when it does not). ``methods=None``: the protocol's default methods that are
     registered; ``seeds``: ``None`` (the protocol's), a count ``n`` (seeds ``0..n-1``) or a list.
-    ``threads`` sets ``torch.set_num_threads`` for the runs; ``train=False`` only re-aggregates
-    and re-reports the stored results.
+    ``threads`` sets ``torch.set_num_threads`` for the runs (default: the suite's
+    ``default_threads``); ``train=False`` only re-aggregates and re-reports the stored results.
     """
     suite = get_suite(name)
     protocol = suite.protocol(quick)

@@ -101,9 +101,25 @@ class Suite:
     name: str = ""
     description: str = ""
     has_baselines: bool = True
-    # set by the runner before the runs: show the trainer's epoch bar; device ("auto", "cpu", ...)
+    # set by the runner before the runs: progress display on/off; device ("auto", "cpu", ...)
     progress: bool = True
     device: str = "auto"
+    #: torch CPU threads for the runs when the caller gives none (``None``: torch's default).
+    #: Small models run faster on one thread, above all on a shared CPU, where idle OpenMP
+    #: threads spin; not part of the protocol (it changes no result beyond float round-off).
+    default_threads: int | None = None
+
+    def advance(self, n: int = 1) -> None:
+        """Report ``n`` finished epochs of the current run (the runner's progress bar replaces
+        this before the runs; a suite calls it once per epoch, the toy once per ``stride``)."""
+
+    def planned_epochs(self, method: str, protocol: Protocol) -> int:
+        """How many :meth:`advance` units one run of ``method`` (``"stl"``: all single-task
+        baselines of a seed) reports, for the progress bar's total and ETA; default: the
+        protocol's ``trainer.epochs`` or ``epochs`` setting, else 1."""
+        s = protocol.settings
+        epochs = s.get("trainer", {}).get("epochs", s.get("epochs", 1))
+        return max(1, int(epochs))
 
     def protocol(self, quick: bool) -> Protocol:
         raise NotImplementedError
@@ -129,6 +145,11 @@ class Suite:
 
     def plots(self, results: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
         """Suite-specific figures (PNG) for the report; default none."""
+        return []
+
+    def sections(self, results: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
+        """Suite-specific report sections: ``{"title", "text", "table": (head, rows)}``
+        (``table`` optional), shown after the results table; default none."""
         return []
 
 

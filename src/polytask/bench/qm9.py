@@ -152,6 +152,7 @@ def train_qm9(
     data: dict[str, Any],
     hparams: dict[str, Any] | None = None,
     log: Any = None,
+    on_epoch: Any = None,
 ) -> RunResult:
     """Train one MPNN on ``tasks`` with balancer ``method``; test metrics of the best epoch.
 
@@ -211,6 +212,8 @@ def train_qm9(
         row["val/score"] = score
         plateau.step(score)
         history.append(row)
+        if on_epoch is not None:
+            on_epoch(1)
         if log is not None:
             log(f"{method} seed {seed} epoch {epoch + 1}: val score {score:.4f} lr {row['lr']:.2g}")
         if math.isfinite(score) and score < best_score:
@@ -247,6 +250,7 @@ class QM9Suite(Suite):
         "molecular graph; Delta-m% vs 11 single-task networks (Nash-MTL protocol)."
     )
     has_baselines = True
+    default_threads = 1
 
     def __init__(self) -> None:
         self._data: dict[str, Any] | None = None
@@ -266,14 +270,16 @@ class QM9Suite(Suite):
             "method_hparams": {"cagrad": {"c": 0.4, "convention": "official", "rescale": 1}},
         }
         if quick:
+            # sized for 2 CPU cores: 8 methods x 3 seeds plus 3 x 11 single-task networks in
+            # well under 15 minutes (gradient methods pay about one backward pass per target)
             settings = {
                 **common,
-                "n_molecules": 2000, "n_train": None, "n_val": 200, "n_test": 200,
-                "model": {"dim": 32, "edge_hidden": 32, "n_rbf": 16, "rbf_max": 8.0,
-                          "cutoff": None, "steps": 3, "readout": "set2set"},
-                "batch_size": 64, "epochs": 6,
+                "n_molecules": 1000, "n_train": None, "n_val": 100, "n_test": 100,
+                "model": {"dim": 16, "edge_hidden": 16, "n_rbf": 16, "rbf_max": 8.0,
+                          "cutoff": None, "steps": 2, "readout": "set2set"},
+                "batch_size": 64, "epochs": 5,
             }
-            version, seeds = "qm9-quick-v1", (0,)
+            version, seeds = "qm9-quick-v2", (0, 1, 2)
         else:
             settings = {
                 **common,
@@ -284,8 +290,20 @@ class QM9Suite(Suite):
             }
             version, seeds = "qm9-v1", (0, 1, 2)
         registered = set(available())
-        defaults = tuple(m for m in _PAPER_METHODS if m in registered)
+        if quick:
+            from .suites import default_methods
+
+            defaults = default_methods(8)
+        else:
+            defaults = tuple(m for m in _PAPER_METHODS if m in registered)
         return Protocol("qm9", version, settings, seeds=seeds, default_methods=defaults)
+
+    def planned_epochs(self, method: str, protocol: Protocol) -> int:
+        s = protocol.settings
+        return int(s["epochs"]) * (len(s["targets"]) if method == "stl" else 1)
+
+    def prepare(self, protocol: Protocol) -> None:
+        self._dataset(protocol.settings)
 
     def _dataset(self, settings: dict[str, Any]) -> dict[str, Any]:
         keys = ("targets", "n_molecules", "n_train", "n_val", "n_test", "split_seed", "energies")
@@ -300,7 +318,8 @@ class QM9Suite(Suite):
         hp = dict(s.get("method_hparams", {}).get(method, {}))
         hp = {k: v for k, v in hp.items() if k in info(method).hparams}
         t0 = time.perf_counter()
-        res = train_qm9(method, s["targets"], seed, s, self._dataset(s), hparams=hp)
+        res = train_qm9(method, s["targets"], seed, s, self._dataset(s), hparams=hp,
+                        on_epoch=self.advance)
         res.extras["wall_seconds"] = time.perf_counter() - t0
         return res
 
@@ -313,7 +332,7 @@ class QM9Suite(Suite):
         history: list[dict[str, Any]] = []
         times, mems = [], []
         for t in s["targets"]:
-            r = train_qm9("sum", [t], seed, s, data)
+            r = train_qm9("sum", [t], seed, s, data, on_epoch=self.advance)
             test.update(r.test)
             times.append(r.time_per_epoch)
             mems.append(r.peak_memory_mb)

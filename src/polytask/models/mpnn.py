@@ -53,7 +53,9 @@ def to_dense(
     molecule. ``ptr`` (offsets ``[B+1]``) is derived from ``batch`` when absent.
     """
     if z.ndim != 1 or pos.shape != (z.shape[0], 3):
-        raise ValueError(f"expected z [A] and pos [A, 3], got {tuple(z.shape)} and {tuple(pos.shape)}")
+        raise ValueError(
+            f"expected z [A] and pos [A, 3], got {tuple(z.shape)} and {tuple(pos.shape)}"
+        )
     if batch is None:
         batch = torch.zeros_like(z, dtype=torch.long)
     batch = batch.long()
@@ -253,7 +255,9 @@ class MPNN(MultiTaskModel):
             )
         z, pos, mask = to_dense(x["z"], x["pos"], x.get("batch"), x.get("ptr"))
         if int(z.max()) >= self.embed.num_embeddings:
-            raise ValueError(f"atomic number {int(z.max())} > max_z={self.embed.num_embeddings - 1}")
+            raise ValueError(
+                f"atomic number {int(z.max())} > max_z={self.embed.num_embeddings - 1}"
+            )
         pos = pos.to(self.embed.weight.dtype)
         pair = mask.unsqueeze(1) & mask.unsqueeze(2)
         pair = pair & ~torch.eye(z.shape[1], dtype=torch.bool, device=z.device)
