@@ -596,3 +596,41 @@ def test_simplex_projections_agree_with_references():
         ours = project_to_simplex(torch.from_numpy(v)).numpy()
         np.testing.assert_allclose(ours, _ref_projection2simplex(v), atol=1e-12)
         np.testing.assert_allclose(ours, _ref_euclidean_proj_simplex(v), atol=1e-12)
+
+
+def test_gradnorm_norms_on_the_last_shared_layer():
+    jac = t([3.0, 0.0, 1.0], [0.0, 4.0, 2.0])
+    a = B.create("gradnorm", 2)  # LibMTL's form: all columns, norms [sqrt 10, sqrt 20]
+    b = B.create("gradnorm", 2, layer_columns=1)  # the paper's: last layer, norms [1, 2]
+    assert B.info("gradnorm").protocol == ("last_shared_layer",)
+    a.combine(jac, t(1.0, 1.0))
+    b.combine(jac, t(1.0, 1.0))
+    # grad of sum |w_i G_i - mean(G)| w.r.t. w at w = 1, targets held: sign(G_i - mean) G_i
+    close(b.loss_weights.grad, [-1.0, 2.0])
+    close(a.loss_weights.grad, [-math.sqrt(10), math.sqrt(20)])
+    with pytest.raises(ValueError, match="exceeds"):
+        B.create("gradnorm", 2, layer_columns=4).combine(jac, t(1.0, 1.0))
+    part = B.partition(lambda: B.create("gradnorm", 2), [2, 1])
+    part.set_last_shared_layer(1)
+    assert part.groups[-1].layer_columns == 1 and part.groups[0].layer_columns is None
+    with pytest.raises(ValueError, match="spans several groups"):
+        part.set_last_shared_layer(2)
+
+
+def test_trainer_gives_gradnorm_its_last_shared_layer():
+    from torch import nn
+
+    import polytask
+    from polytask.tasks import Task, TaskSet
+    from polytask.trainer import Trainer
+
+    model = polytask.architectures.create(
+        "hps", encoder=nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Linear(16, 8)),
+        heads={"a": nn.Linear(8, 2), "b": nn.Linear(8, 1)},
+    )
+    tasks = TaskSet([Task.classification("a", 2), Task.regression("b")])
+    tr = Trainer(model, tasks, B.create("gradnorm", 2), lambda p: torch.optim.SGD(p, lr=0.1))
+    assert tr.balancer.layer_columns == 16 * 8 + 8
+    comp = B.compose("uw", "gradnorm", n_tasks=2)
+    Trainer(model, tasks, comp, lambda p: torch.optim.SGD(p, lr=0.1))
+    assert comp.gradient_method.layer_columns == 16 * 8 + 8

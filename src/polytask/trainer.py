@@ -114,6 +114,24 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def last_shared_layer_columns(model: nn.Module, shared: list[Tensor]) -> int:
+    """Entries of the last shared layer: the trailing shared parameters (in ``shared`` order,
+    the order of the shared Jacobian's columns) that belong to the same module as the last one."""
+    owner: dict[int, str] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), name)
+    if not shared:
+        raise ValueError("the model has no shared parameter")
+    last = owner.get(id(shared[-1]))
+    n = 0
+    for p in reversed(shared):
+        if owner.get(id(p)) != last:
+            break
+        n += p.numel()
+    return n
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -188,6 +206,13 @@ class Trainer:
             stack_batches(self.step_balancer) if self.n_batches > 1 else self.step_balancer
         )
         self.needs_meta_batch = strategy is not None and "meta_batch" in strategy.info.protocol
+        if "last_shared_layer" in step_rec.protocol and (cfg.mode or step_rec.mode) in (
+            None,
+            "params",
+        ):
+            self.step_balancer.set_last_shared_layer(
+                last_shared_layer_columns(model, list(model.shared_parameters()))
+            )
         self.mode = cfg.mode or step_rec.mode or "params"
         if self.n_batches > 1 and self.mode != "params":
             raise ValueError(

@@ -60,6 +60,9 @@ class BalancerInfo:
 
             * ``"loss_after_step"``: after the optimiser step, the losses of the same batch are
               re-evaluated (no gradient) and passed to :meth:`Balancer.after_step` (FAMO);
+            * ``"last_shared_layer"``: the method uses the gradients of the last shared layer
+              (GradNorm); the trainer calls :meth:`Balancer.set_last_shared_layer` once with the
+              number of trailing Jacobian columns that hold them;
             * ``"extra_batch"``: every step needs ``n_batches`` independent batches of the same
               tasks (MoDo, SDMGrad). The balancer is a :class:`MultiBatchWeighting`; it receives
               the Jacobians of the batches stacked as ``[n_batches, K, P]`` (losses
@@ -250,6 +253,10 @@ class Balancer(nn.Module):
 
     def after_step(self, losses: Tensor) -> None:
         """Called with the losses re-evaluated after the optimiser step (``loss_after_step``)."""
+
+    def set_last_shared_layer(self, n_columns: int) -> None:
+        """Protocol ``"last_shared_layer"``: the last ``n_columns`` columns of the Jacobians this
+        balancer will receive are the gradients of the last shared layer."""
 
     def epoch_end(self) -> None:
         """Called by the trainer at the end of every training epoch (e.g. DWA's loss history)."""

@@ -466,6 +466,7 @@ class MoCo(_StateMixin, JacobianAggregator):
     description="GradNorm: learnable weights pull gradient norms to training-rate targets.",
     stateful=True,
     learnable=True,
+    protocol=("last_shared_layer",),
     reference="Chen et al. 2018 (Algorithm 1); LibMTL weighting/GradNorm.py",
 )
 class GradNorm(_StateMixin, JacobianAggregator):
@@ -476,7 +477,11 @@ class GradNorm(_StateMixin, JacobianAggregator):
     ``weighting/GradNorm.py`` (which parameterises ``w = K softmax(.)``; here the paper's
     renormalisation is used instead).
 
-    The Jacobian rows are taken as the gradients of the last shared layer ``W``. With learnable
+    The gradient norms are those of the last shared layer ``W`` (the paper's choice): the last
+    ``layer_columns`` columns of ``J`` (``protocol=("last_shared_layer",)``: the trainer sets
+    them with :meth:`set_last_shared_layer` to the size of the last module holding shared
+    parameters, whose gradients are the last columns of the shared Jacobian; with
+    ``layer_columns=None`` and nobody setting it, all of ``J``, as LibMTL). With learnable
     weights ``w`` (``nn.Parameter`` ``loss_weights``, initially 1), ``G_i = |w_i J_i|``,
     ``Gbar = mean G``, ``r_i = (L_i / L_i(0)) / mean_j (L_j / L_j(0))`` (``L(0)``: the losses of the
     first call, buffer ``initial_losses``) and the targets ``Gbar r_i**alpha`` held constant, the
@@ -488,12 +493,21 @@ class GradNorm(_StateMixin, JacobianAggregator):
 
     _adaptive_buffers = ("initial_losses",)
 
-    def __init__(self, n_tasks: int, alpha: float = 1.5) -> None:
+    def __init__(self, n_tasks: int, alpha: float = 1.5, layer_columns: int | None = None) -> None:
         super().__init__(n_tasks)
         self.alpha = float(alpha)
+        self.layer_columns: int | None = None
+        if layer_columns is not None:
+            self.set_last_shared_layer(layer_columns)
         self.loss_weights = nn.Parameter(torch.ones(n_tasks))
         self.register_buffer("initial_losses", torch.ones(n_tasks))
         self.register_buffer("has_initial", torch.zeros((), dtype=torch.bool))
+
+    def set_last_shared_layer(self, n_columns: int) -> None:
+        """Take the gradient norms over the last ``n_columns`` columns of ``J``."""
+        if not isinstance(n_columns, int) or n_columns < 1:
+            raise ValueError(f"gradnorm: layer_columns must be a positive int, got {n_columns!r}")
+        self.layer_columns = n_columns
 
     @torch.no_grad()
     def _renormalise(self) -> None:
@@ -510,7 +524,15 @@ class GradNorm(_StateMixin, JacobianAggregator):
         initial = torch.where(self.has_initial, self._state("initial_losses", losses), first)
         self._set_state("initial_losses", initial.clone())
         self.has_initial.fill_(True)
-        norms = torch.linalg.vector_norm(jacobian.detach(), dim=1)
+        layer = jacobian.detach()
+        if self.layer_columns is not None:
+            if self.layer_columns > layer.shape[1]:
+                raise ValueError(
+                    f"gradnorm: layer_columns={self.layer_columns} exceeds the jacobian's "
+                    f"{layer.shape[1]} columns (shape {tuple(layer.shape)})"
+                )
+            layer = layer[:, layer.shape[1] - self.layer_columns :]
+        norms = torch.linalg.vector_norm(layer, dim=1)
         ratio = losses / self._state("initial_losses", losses)
         rel = ratio / ratio.mean().clamp(min=1e-20)
         with torch.enable_grad():
@@ -692,6 +714,10 @@ class _Wrapper(Balancer):
         for b in self._members():
             b.epoch_end()
 
+    def set_last_shared_layer(self, n_columns: int) -> None:
+        for b in self._members():
+            b.set_last_shared_layer(n_columns)
+
 
 class Composed(_Wrapper):
     """A loss weighting followed by a gradient method (see :func:`compose`)."""
@@ -793,6 +819,15 @@ class Partitioned(_Wrapper):
 
     def _members(self) -> list[Balancer]:
         return list(self.groups)
+
+    def set_last_shared_layer(self, n_columns: int) -> None:
+        """The last shared layer lies in the last group (an error if it spans several)."""
+        if n_columns > self.group_sizes[-1]:
+            raise ValueError(
+                f"partition: the last shared layer ({n_columns} columns) spans several groups "
+                f"(group_sizes={self.group_sizes})"
+            )
+        self.groups[-1].set_last_shared_layer(n_columns)
 
     def _combine(self, jacobian: Tensor, losses: Tensor | None) -> Tensor:
         total = sum(self.group_sizes)
