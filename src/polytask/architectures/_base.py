@@ -12,6 +12,12 @@ gives that contract a base class; architectures in the registry subclass it.
   their gradients. ``task_parameters(name)`` belong to one task only.
 * ``auxiliary_loss()`` returns a regulariser the architecture adds to the objective (load
   balancing, entropy), or ``None``.
+* A mapping ``{task: x_task}`` whose keys are all task names is a multi-input batch (one input per
+  task); see :mod:`polytask.architectures._common`.
+
+Each registered architecture has a capability record (:class:`ArchitectureInfo`): whether it has
+an exact representation, gates, an auxiliary loss, multi-input batches, and its ``torch.compile``
+status. The test suite checks every claim of every record.
 """
 
 from __future__ import annotations
