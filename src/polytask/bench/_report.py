@@ -39,12 +39,28 @@ REFERENCE_TABLES: dict[str, list[Published]] = {
             matches=False,
             note="the polytask QM9 suite does not train that model for 300 epochs",
             delta_m={
-                "mean": 177.6, "si": 77.8, "rlw": 203.8, "dwa": 175.3, "uw": 108.0,
-                "mgda": 120.5, "pcgrad": 125.7, "cagrad": 112.8, "imtl_g": 77.2, "nash_mtl": 62.0,
+                "mean": 177.6,
+                "si": 77.8,
+                "rlw": 203.8,
+                "dwa": 175.3,
+                "uw": 108.0,
+                "mgda": 120.5,
+                "pcgrad": 125.7,
+                "cagrad": 112.8,
+                "imtl_g": 77.2,
+                "nash_mtl": 62.0,
             },
             delta_m_se={
-                "mean": 3.4, "si": 9.2, "rlw": 3.4, "dwa": 6.3, "uw": 22.5,
-                "mgda": 2.0, "pcgrad": 10.3, "cagrad": 4.0, "imtl_g": 9.3, "nash_mtl": 1.4,
+                "mean": 3.4,
+                "si": 9.2,
+                "rlw": 3.4,
+                "dwa": 6.3,
+                "uw": 22.5,
+                "mgda": 2.0,
+                "pcgrad": 10.3,
+                "cagrad": 4.0,
+                "imtl_g": 9.3,
+                "nash_mtl": 1.4,
             },
         ),
         Published(
@@ -53,9 +69,20 @@ REFERENCE_TABLES: dict[str, list[Published]] = {
             matches=False,
             note="the polytask QM9 suite does not train that model for 300 epochs",
             delta_m={
-                "mean": 179.8, "si": 39.7, "rlw": 222.6, "dwa": 173.0, "uw": 58.4,
-                "mgda": 101.4, "pcgrad": 118.6, "cagrad": 102.4, "nash_mtl": 72.9, "famo": 38.9,
-                "fairgrad": 57.0, "go4align": 40.5, "ntkmtl": 56.7, "ntkmtl_sr": 30.7,
+                "mean": 179.8,
+                "si": 39.7,
+                "rlw": 222.6,
+                "dwa": 173.0,
+                "uw": 58.4,
+                "mgda": 101.4,
+                "pcgrad": 118.6,
+                "cagrad": 102.4,
+                "nash_mtl": 72.9,
+                "famo": 38.9,
+                "fairgrad": 57.0,
+                "go4align": 40.5,
+                "ntkmtl": 56.7,
+                "ntkmtl_sr": 30.7,
             },
         ),
     ],
@@ -77,19 +104,40 @@ REFERENCE_TABLES["nyuv2"] = [
         matches=False,
         note=_VISION_NOTE,
         delta_m={
-            "mean": 5.59, "si": 4.39, "rlw": 7.78, "dwa": 3.57, "uw": 4.05, "mgda": 1.38,
-            "pcgrad": 3.97, "graddrop": 3.58, "stch": -1.35, "go4align": -6.08,
-            "ntkmtl_sr": -5.35, "cagrad": 0.20, "imtl_g": -0.76, "moco": 0.16, "nash_mtl": -4.04,
-            "aligned_mtl": -3.12, "famo": -4.10, "db_mtl": -5.36, "fairgrad": -4.66,
+            "mean": 5.59,
+            "si": 4.39,
+            "rlw": 7.78,
+            "dwa": 3.57,
+            "uw": 4.05,
+            "mgda": 1.38,
+            "pcgrad": 3.97,
+            "graddrop": 3.58,
+            "stch": -1.35,
+            "go4align": -6.08,
+            "ntkmtl_sr": -5.35,
+            "cagrad": 0.20,
+            "imtl_g": -0.76,
+            "moco": 0.16,
+            "nash_mtl": -4.04,
+            "aligned_mtl": -3.12,
+            "famo": -4.10,
+            "db_mtl": -5.36,
+            "fairgrad": -4.66,
             "ntkmtl": -6.99,
         },
-        metrics={"stl": {
-            "segmentation/miou": 0.3830, "segmentation/pix_acc": 0.6376,
-            "depth/abs_err": 0.6754, "depth/rel_err": 0.2780,
-            "normal/mean_angle": 25.01, "normal/median_angle": 19.21,
-            "normal/within_11.25": 0.3014, "normal/within_22.5": 0.5720,
-            "normal/within_30": 0.6915,
-        }},
+        metrics={
+            "stl": {
+                "segmentation/miou": 0.3830,
+                "segmentation/pix_acc": 0.6376,
+                "depth/abs_err": 0.6754,
+                "depth/rel_err": 0.2780,
+                "normal/mean_angle": 25.01,
+                "normal/median_angle": 19.21,
+                "normal/within_11.25": 0.3014,
+                "normal/within_22.5": 0.5720,
+                "normal/within_30": 0.6915,
+            }
+        },
     )
 ]
 REFERENCE_TABLES["cityscapes"] = [
@@ -101,9 +149,21 @@ REFERENCE_TABLES["cityscapes"] = [
         matches=False,
         note=_VISION_NOTE,
         delta_m={
-            "mean": 22.60, "si": 14.11, "rlw": 24.38, "dwa": 21.45, "uw": 5.89, "mgda": 44.14,
-            "pcgrad": 18.29, "graddrop": 23.73, "cagrad": 11.64, "imtl_g": 11.10,
-            "nash_mtl": 6.82, "famo": 8.13, "fairgrad": 5.18, "ntkmtl": 1.92, "ntkmtl_sr": 3.84,
+            "mean": 22.60,
+            "si": 14.11,
+            "rlw": 24.38,
+            "dwa": 21.45,
+            "uw": 5.89,
+            "mgda": 44.14,
+            "pcgrad": 18.29,
+            "graddrop": 23.73,
+            "cagrad": 11.64,
+            "imtl_g": 11.10,
+            "nash_mtl": 6.82,
+            "famo": 8.13,
+            "fairgrad": 5.18,
+            "ntkmtl": 1.92,
+            "ntkmtl_sr": 3.84,
         },
     )
 ]
@@ -117,9 +177,20 @@ REFERENCE_TABLES["celeba"] = [
         note="polytask selects the epoch on the validation loss instead of validation mean F1; "
         "everything else is the published protocol",
         delta_m={
-            "mean": 4.15, "si": 7.20, "rlw": 1.46, "dwa": 3.20, "uw": 3.23, "mgda": 14.85,
-            "pcgrad": 3.17, "cagrad": 2.48, "imtl_g": 0.84, "nash_mtl": 2.84, "famo": 1.21,
-            "fairgrad": 0.37, "ntkmtl": -0.77, "ntkmtl_sr": 0.23,
+            "mean": 4.15,
+            "si": 7.20,
+            "rlw": 1.46,
+            "dwa": 3.20,
+            "uw": 3.23,
+            "mgda": 14.85,
+            "pcgrad": 3.17,
+            "cagrad": 2.48,
+            "imtl_g": 0.84,
+            "nash_mtl": 2.84,
+            "famo": 1.21,
+            "fairgrad": 0.37,
+            "ntkmtl": -0.77,
+            "ntkmtl_sr": 0.23,
         },
     )
 ]
@@ -132,7 +203,7 @@ def _finite(x: Any) -> bool:
 
 def _pm(stat: dict[str, Any] | None, digits: int = 4, signed: bool = False) -> str:
     if not stat or not _finite(stat.get("mean")):
-        return "–"
+        return "–"  # noqa: RUF001
     fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
     text = fmt.format(stat["mean"])
     if _finite(stat.get("se")):
@@ -170,7 +241,11 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], set[tup
         if len(vals) > 1:
             target = max(vals.values()) if hib[m] else min(vals.values())
             best |= {(names.index(n), 1 + j) for n, v in vals.items() if v == target}
-    dm = {n: summary["rows"][n]["delta_m"]["mean"] for n in methods if summary["rows"][n].get("delta_m")}
+    dm = {
+        n: summary["rows"][n]["delta_m"]["mean"]
+        for n in methods
+        if summary["rows"][n].get("delta_m")
+    }
     if len(dm) > 1:
         low = min(dm.values())
         best |= {(names.index(n), 1 + len(metrics)) for n, v in dm.items() if v == low}
@@ -179,10 +254,10 @@ def _table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]], set[tup
         cells = [n]
         cells += [_pm(r["metrics"][m], _metric_digits(summary, m)) for m in metrics]
         cells.append(_pm(r.get("delta_m"), 2, signed=True) if n != STL else "0 (reference)")
-        cells.append(f"{r['mean_rank']:.2f}" if "mean_rank" in r else "–")
+        cells.append(f"{r['mean_rank']:.2f}" if "mean_rank" in r else "–")  # noqa: RUF001
         cells.append(_pm(r["time_per_epoch"], 2))
         pk = r["peak_memory_mb"]
-        cells.append(f"{pk['mean']:.0f}" if _finite(pk.get("mean")) else "–")
+        cells.append(f"{pk['mean']:.0f}" if _finite(pk.get("mean")) else "–")  # noqa: RUF001
         cells.append(str(len(r["seeds"])))
         rows.append(cells)
     return head, rows, best
@@ -198,7 +273,9 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _md_table(head: list[str], rows: list[list[str]], best: set[tuple[int, int]] = frozenset()) -> str:  # type: ignore[assignment]
+def _md_table(
+    head: list[str], rows: list[list[str]], best: set[tuple[int, int]] = frozenset()
+) -> str:  # type: ignore[assignment]
     lines = ["| " + " | ".join(_md_cell(h) for h in head) + " |", "|" + "---|" * len(head)]
     for i, row in enumerate(rows):
         cells = [f"**{_md_cell(c)}**" if (i, j) in best else _md_cell(c) for j, c in enumerate(row)]
@@ -221,7 +298,9 @@ class _Doc:
         if items:
             self.blocks.append(("ul", list(items)))
 
-    def table(self, head: list[str], rows: list[list[str]], best: set[tuple[int, int]] | None = None) -> None:
+    def table(
+        self, head: list[str], rows: list[list[str]], best: set[tuple[int, int]] | None = None
+    ) -> None:
         self.blocks.append(("table", (head, rows, best or set())))
 
     def code(self, text: str) -> None:
@@ -258,10 +337,16 @@ class _Doc:
             elif kind == "p":
                 body.append(f"<p>{_inline_code(e(val))}</p>")
             elif kind == "ul":
-                body.append("<ul>" + "".join(f"<li>{_inline_code(e(x))}</li>" for x in val) + "</ul>")
+                body.append(
+                    "<ul>" + "".join(f"<li>{_inline_code(e(x))}</li>" for x in val) + "</ul>"
+                )
             elif kind == "table":
                 head, rows, best = val
-                t = ["<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr></thead><tbody>"]
+                t = [
+                    "<table><thead><tr>"
+                    + "".join(f"<th>{e(h)}</th>" for h in head)
+                    + "</tr></thead><tbody>"
+                ]
                 for i, row in enumerate(rows):
                     cells = "".join(
                         f"<td><b>{e(c)}</b></td>" if (i, j) in best else f"<td>{e(c)}</td>"
@@ -288,7 +373,7 @@ class _Doc:
             "code{background:#f3f3f3;padding:0 3px}"
         )
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{e(title)}</title><style>{style}</style></head><body>\n"
             + "\n".join(body)
             + "\n</body></html>\n"
@@ -301,7 +386,9 @@ def _inline_code(escaped: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
-def _figure(n: int, width: float = 3.6, height: float = 3.0, ncols: int = 4) -> tuple[Any, list[Any]]:
+def _figure(
+    n: int, width: float = 3.6, height: float = 3.0, ncols: int = 4
+) -> tuple[Any, list[Any]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -379,7 +466,7 @@ def plot_pareto(summary: dict[str, Any], path: Path, max_pairs: int = 6) -> Path
     names = list(rows)
     colors = _colors([n for n in names if n != STL])
     fig, axes = _figure(len(pairs), 4.2, 3.6, ncols=3)
-    for ax, (mx, my) in zip(axes, pairs):
+    for ax, (mx, my) in zip(axes, pairs, strict=False):
         pts, labels = [], []
         for n in names:
             sx, sy = rows[n]["metrics"][mx], rows[n]["metrics"][my]
@@ -388,18 +475,44 @@ def plot_pareto(summary: dict[str, Any], path: Path, max_pairs: int = 6) -> Path
             ex = sx["se"] if _finite(sx["se"]) else 0.0
             ey = sy["se"] if _finite(sy["se"]) else 0.0
             if n == STL:
-                ax.errorbar(sx["mean"], sy["mean"], xerr=ex, yerr=ey, fmt="*", ms=13, color="black",
-                            label="STL", zorder=4)
+                ax.errorbar(
+                    sx["mean"],
+                    sy["mean"],
+                    xerr=ex,
+                    yerr=ey,
+                    fmt="*",
+                    ms=13,
+                    color="black",
+                    label="STL",
+                    zorder=4,
+                )
                 continue
-            ax.errorbar(sx["mean"], sy["mean"], xerr=ex, yerr=ey, fmt="o", ms=6, color=colors[n],
-                        label=n, capsize=2, zorder=3)
+            ax.errorbar(
+                sx["mean"],
+                sy["mean"],
+                xerr=ex,
+                yerr=ey,
+                fmt="o",
+                ms=6,
+                color=colors[n],
+                label=n,
+                capsize=2,
+                zorder=3,
+            )
             pts.append((sx["mean"], sy["mean"]))
             labels.append(n)
         if len(pts) > 1:
             mask = _pareto_mask(pts, (hib[mx], hib[my]))
-            front = sorted(p for p, keep in zip(pts, mask) if keep)
+            front = sorted(p for p, keep in zip(pts, mask, strict=False) if keep)
             if len(front) > 1:
-                ax.plot(*zip(*front), "--", color="grey", lw=1, zorder=2, label="Pareto front")
+                ax.plot(
+                    *zip(*front, strict=False),
+                    "--",
+                    color="grey",
+                    lw=1,
+                    zorder=2,
+                    label="Pareto front",
+                )
         ax.set_xlabel(f"{mx} {'↑' if hib[mx] else '↓'}")
         ax.set_ylabel(f"{my} {'↑' if hib[my] else '↓'}")
         ax.grid(alpha=0.3)
@@ -408,18 +521,24 @@ def plot_pareto(summary: dict[str, Any], path: Path, max_pairs: int = 6) -> Path
     return _save(fig, path)
 
 
-def plot_losses(results: dict[str, list[RunResult]], tasks: Sequence[str], path: Path) -> Path | None:
+def plot_losses(
+    results: dict[str, list[RunResult]], tasks: Sequence[str], path: Path
+) -> Path | None:
     """Training loss per task over epochs (mean over seeds), one line per method."""
     if not tasks or not any(r.history for rs in results.values() for r in rs):
         return None
     names = [n for n in results if n != STL]
     colors = _colors(names)
     fig, axes = _figure(len(tasks), 3.6, 2.9)
-    for ax, t in zip(axes, tasks):
+    for ax, t in zip(axes, tasks, strict=False):
         for n, runs in results.items():
             xs, ys = _mean_curve(runs, f"train/{t}/loss")
             if xs:
-                style = {"color": "black", "ls": "--", "lw": 1.5} if n == STL else {"color": colors[n], "lw": 1.2}
+                style = (
+                    {"color": "black", "ls": "--", "lw": 1.5}
+                    if n == STL
+                    else {"color": colors[n], "lw": 1.2}
+                )
                 ax.plot(xs, ys, label="STL" if n == STL else n, **style)
         ax.set_title(t, fontsize=9)
         ax.set_xlabel("epoch")
@@ -431,21 +550,26 @@ def plot_losses(results: dict[str, list[RunResult]], tasks: Sequence[str], path:
     return _save(fig, path)
 
 
-def plot_weights(results: dict[str, list[RunResult]], tasks: Sequence[str], path: Path) -> Path | None:
-    """The balancer's task weights over epochs (epoch mean, mean over seeds), one panel per method."""
+def plot_weights(
+    results: dict[str, list[RunResult]], tasks: Sequence[str], path: Path
+) -> Path | None:
+    """The balancer's task weights over epochs (epoch mean, mean over seeds), a panel per method."""
     methods = [
-        n for n, runs in results.items()
+        n
+        for n, runs in results.items()
         if n != STL and any(f"weight/{t}" in row for r in runs for row in r.history for t in tasks)
     ]
     if not methods:
         return None
     colors = _colors(list(tasks))
     fig, axes = _figure(len(methods), 3.4, 2.7)
-    for ax, n in zip(axes, methods):
+    for ax, n in zip(axes, methods, strict=False):
         for t in tasks:
             xs, ys = _mean_curve(results[n], f"weight/{t}")
             if xs:
-                ax.plot(xs, ys, color=colors[t], label=t, lw=1.3, marker="." if len(xs) < 12 else None)
+                ax.plot(
+                    xs, ys, color=colors[t], label=t, lw=1.3, marker="." if len(xs) < 12 else None
+                )
         ax.set_title(n, fontsize=9)
         ax.set_xlabel("epoch")
         _integer_x(ax)
@@ -470,7 +594,7 @@ def plot_grad_conflict(results: dict[str, list[RunResult]], path: Path) -> Path 
         return None
     fig, axes = _figure(len(mats), 3.3, 3.0)
     im = None
-    for ax, (n, (tasks, m)) in zip(axes, mats.items()):
+    for ax, (n, (tasks, m)) in zip(axes, mats.items(), strict=False):
         im = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu")
         k = len(tasks)
         short = [t if len(t) <= 8 else t[:7] + "…" for t in tasks]
@@ -479,8 +603,15 @@ def plot_grad_conflict(results: dict[str, list[RunResult]], path: Path) -> Path 
         if k <= 6:
             for i in range(k):
                 for j in range(k):
-                    ax.text(j, i, f"{m[i][j]:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if abs(m[i][j]) > 0.6 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        f"{m[i][j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if abs(m[i][j]) > 0.6 else "black",
+                    )
         ax.set_title(n, fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label="cosine")
@@ -494,7 +625,9 @@ def _published(suite: Suite, protocol: Protocol) -> list[Published]:
     return list(own) if own else list(REFERENCE_TABLES.get(suite.name, []))
 
 
-def _published_section(doc: _Doc, suite: Suite, protocol: Protocol, summary: dict[str, Any]) -> None:
+def _published_section(
+    doc: _Doc, suite: Suite, protocol: Protocol, summary: dict[str, Any]
+) -> None:
     doc.h(2, "Published numbers")
     pubs = _published(suite, protocol)
     if not pubs:
@@ -519,7 +652,7 @@ def _published_section(doc: _Doc, suite: Suite, protocol: Protocol, summary: dic
         table = []
         for method in sorted(set(pub.delta_m) | {m for m in rows if m != STL}):
             ref = pub.delta_m.get(method)
-            ref_text = "–" if ref is None else f"{ref:+.2f}"
+            ref_text = "–" if ref is None else f"{ref:+.2f}"  # noqa: RUF001
             if ref is not None and method in pub.delta_m_se:
                 ref_text += f" ± {pub.delta_m_se[method]:.2f}"
             ours = rows.get(method, {}).get("delta_m")
@@ -528,8 +661,10 @@ def _published_section(doc: _Doc, suite: Suite, protocol: Protocol, summary: dic
         for method, values in pub.metrics.items():
             ours = rows.get(method, {}).get("metrics", {})
             mt = [[k, _num(v), _pm(ours.get(k), 4)] for k, v in values.items()]
-            doc.p(f"Published {method.upper() if method == STL else method} metrics next to this "
-                  "run's:")
+            doc.p(
+                f"Published {method.upper() if method == STL else method} metrics next to this "
+                "run's:"
+            )
             doc.table(["metric", "published", "this run"], mt)
 
 
@@ -539,10 +674,11 @@ def _protocol_section(doc: _Doc, protocol: Protocol, summary: dict[str, Any]) ->
     doc.ul(
         [
             f"suite `{protocol.suite}`, protocol version `{protocol.version}`",
-            f"seeds: {', '.join(map(str, summary['seeds']))}; methods: {', '.join(summary['methods']) or '–'}",
+            f"seeds: {', '.join(map(str, summary['seeds']))}; "
+            f"methods: {', '.join(summary['methods']) or '–'}",  # noqa: RUF001
             "each run: the checkpoint of the epoch selected on validation data is tested; "
             "metrics are mean ± standard error (sample std / √n) over seeds",
-            "Δm% (Maninis et al. 2019): 100/M Σ_j (−1)^h_j (M_j − B_j)/B_j over all M metrics, "
+            "Δm% (Maninis et al. 2019): 100/M Σ_j (−1)^h_j (M_j − B_j)/B_j over all M metrics, "  # noqa: RUF001
             "against the single-task baseline (STL) of the same seed, then mean ± s.e. over seeds; "
             "lower is better, negative beats STL",
             "mean rank: rank of each method (STL excluded) on each metric's mean, averaged over "
@@ -618,15 +754,31 @@ def write_report(
     doc.h(2, "Plots")
     figures: list[tuple[Path | None, str]] = []
     if summary["rows"]:
-        figures.append((plot_pareto(summary, plots_dir / "pareto.png"),
-                        "Test metrics of each method (mean ± s.e. over seeds) on pairs of tasks; star: STL"))
-        figures.append((plot_losses(all_runs, tasks, plots_dir / "train_loss.png"),
-                        "Training loss per task over epochs (mean over seeds)"))
-        figures.append((plot_weights(results, tasks, plots_dir / "weights.png"),
-                        "Task weights chosen by each balancer over epochs"))
-        figures.append((plot_grad_conflict(results, plots_dir / "grad_conflict.png"),
-                        "Gradient conflict: cosine similarity of the tasks' gradients on the shared "
-                        "parameters (final model, a few training batches; mean over seeds)"))
+        figures.append(
+            (
+                plot_pareto(summary, plots_dir / "pareto.png"),
+                "Test metrics of each method (mean ± s.e. over seeds) on pairs of tasks; star: STL",
+            )
+        )
+        figures.append(
+            (
+                plot_losses(all_runs, tasks, plots_dir / "train_loss.png"),
+                "Training loss per task over epochs (mean over seeds)",
+            )
+        )
+        figures.append(
+            (
+                plot_weights(results, tasks, plots_dir / "weights.png"),
+                "Task weights chosen by each balancer over epochs",
+            )
+        )
+        figures.append(
+            (
+                plot_grad_conflict(results, plots_dir / "grad_conflict.png"),
+                "Gradient conflict: cosine similarity of the tasks' gradients on the shared "
+                "parameters (final model, a few training batches; mean over seeds)",
+            )
+        )
     for p in suite.plots(all_runs, plots_dir):
         figures.append((Path(p), f"{suite.name}: {Path(p).stem.replace('_', ' ')}"))
     shown = [(p, c) for p, c in figures if p is not None and Path(p).exists()]

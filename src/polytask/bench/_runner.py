@@ -324,9 +324,7 @@ def aggregate(
         runs.sort(key=lambda r: r.seed)
         row: dict[str, Any] = {
             "seeds": [r.seed for r in runs],
-            "metrics": {
-                k: _stats([r.test[k] for r in runs if k in r.test]) for k in hib
-            },
+            "metrics": {k: _stats([r.test[k] for r in runs if k in r.test]) for k in hib},
             "time_per_epoch": _stats([r.time_per_epoch for r in runs]),
             "peak_memory_mb": _stats([r.peak_memory_mb for r in runs]),
             "best_epoch": [r.best_epoch for r in runs],
@@ -376,8 +374,14 @@ def _threads(n: int | None) -> Iterator[None]:
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="epoch", disable=not enabled, dynamic_ncols=True,
-                smoothing=0.05)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="epoch",
+        disable=not enabled,
+        dynamic_ncols=True,
+        smoothing=0.05,
+    )
 
 
 def run_protocol(
@@ -415,11 +419,7 @@ def run_protocol(
             root = Path(out_dir)
             persistent = True
         key = protocol.key()
-        plan = [
-            (m, s)
-            for s in seed_list
-            for m in ([STL] if suite.has_baselines else []) + chosen
-        ]
+        plan = [(m, s) for s in seed_list for m in ([STL] if suite.has_baselines else []) + chosen]
         done: dict[tuple[str, int], RunResult] = {}
         for m, s in plan:
             r = _load_stored(_run_path(root, m, s), key) if persistent else None

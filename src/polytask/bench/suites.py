@@ -26,7 +26,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -68,7 +68,9 @@ DEFAULT_METHOD_PREFERENCE = (
 )
 
 
-def default_methods(n: int = 8, preference: Sequence[str] = DEFAULT_METHOD_PREFERENCE) -> tuple[str, ...]:
+def default_methods(
+    n: int = 8, preference: Sequence[str] = DEFAULT_METHOD_PREFERENCE
+) -> tuple[str, ...]:
     known = set(balancers.available())
     return tuple([m for m in preference if m in known][:n])
 
@@ -123,10 +125,12 @@ class TrainerSuite(Suite):
         batch = next(iter(DataLoader(mtd.train, batch_size=cfg.data.batch_size, **kw)))
         evals = [next(iter(DataLoader(mtd.val, batch_size=cfg.data.eval_batch_size, **kw)))]
         known = balancers.available()
-        for name in ["mean"] + [m for m in ("pcgrad", "upgrad", "mgda") if m in known][:1]:
+        for name in ["mean", *[m for m in ("pcgrad", "upgrad", "mgda") if m in known][:1]]:
             model = self.make_model(cfg, mtd, tasks)
             tcfg = TrainerConfig(epochs=1, progress=False, device=cfg.trainer.device, seed=0)
-            trainer = Trainer(model, tasks, balancers.create(name, len(tasks)), _optimizer(cfg), None, tcfg)
+            trainer = Trainer(
+                model, tasks, balancers.create(name, len(tasks)), _optimizer(cfg), None, tcfg
+            )
             trainer.train_step(batch)
             trainer.evaluate(evals)
         if len(tasks) > 1:
@@ -134,7 +138,9 @@ class TrainerSuite(Suite):
 
     def run_config(self, protocol: Protocol, method: str, seed: int) -> RunConfig:
         s = protocol.settings
-        raw: dict[str, Any] = {k: copy.deepcopy(s[k]) for k in ("data", "model", "optimizer", "scheduler") if k in s}
+        raw: dict[str, Any] = {
+            k: copy.deepcopy(s[k]) for k in ("data", "model", "optimizer", "scheduler") if k in s
+        }
         raw["trainer"] = {
             **copy.deepcopy(s.get("trainer", {})),
             "seed": seed,
@@ -142,11 +148,18 @@ class TrainerSuite(Suite):
             "device": self.device,
             "out_dir": "",
         }
-        raw["balancer"] = {"name": method, "hparams": copy.deepcopy(s.get("hparams", {}).get(method, {}))}
+        raw["balancer"] = {
+            "name": method,
+            "hparams": copy.deepcopy(s.get("hparams", {}).get(method, {})),
+        }
         return parse_config(raw)
 
     def make_tasks(
-        self, cfg: RunConfig, mtd: data.MultiTaskData, names: Sequence[str] | None, keep: Sequence[str] | None
+        self,
+        cfg: RunConfig,
+        mtd: data.MultiTaskData,
+        names: Sequence[str] | None,
+        keep: Sequence[str] | None,
     ) -> TaskSet:
         """Tasks from the dataset's specs; ``keep``: metric names to compute (``None``: all)."""
         tasks = build_tasks(mtd, names)
@@ -257,7 +270,13 @@ def merge_baselines(seed: int, parts: dict[str, RunResult]) -> RunResult:
             if i < len(r.history):
                 src = r.history[i]
                 row["time"] += float(src.get("time", 0.0))
-                row.update({k: v for k, v in src.items() if k.startswith(("train/", "val/")) and k != "val/loss"})
+                row.update(
+                    {
+                        k: v
+                        for k, v in src.items()
+                        if k.startswith(("train/", "val/")) and k != "val/loss"
+                    }
+                )
         history.append(row)
     return RunResult(
         method=STL,
@@ -296,8 +315,8 @@ class ImageSuite(TrainerSuite):
     """
 
     dataset = ""
-    full = {"n_train": 10_000, "n_val": 1000, "n_test": 2000, "epochs": 20}
-    quick = {"n_train": 1500, "n_val": 500, "n_test": 1000, "epochs": 3}
+    full: ClassVar[dict[str, Any]] = {"n_train": 10000, "n_val": 1000, "n_test": 2000, "epochs": 20}
+    quick: ClassVar[dict[str, Any]] = {"n_train": 1500, "n_val": 500, "n_test": 1000, "epochs": 3}
 
     def settings(self, quick: bool) -> dict[str, Any]:
         p = self.quick if quick else self.full
@@ -357,8 +376,8 @@ class CensusSuite(TrainerSuite):
     """
 
     architecture = "mmoe"
-    full = {"n_train": None, "n_val": None, "n_test": None, "epochs": 20}
-    quick = {"n_train": 5000, "n_val": 2000, "n_test": 4000, "epochs": 4}
+    full: ClassVar[dict[str, Any]] = {"n_train": None, "n_val": None, "n_test": None, "epochs": 20}
+    quick: ClassVar[dict[str, Any]] = {"n_train": 5000, "n_val": 2000, "n_test": 4000, "epochs": 4}
 
     def arch_options(self) -> dict[str, Any]:
         return {"n_experts": 4}
@@ -389,7 +408,11 @@ class CensusSuite(TrainerSuite):
         }
 
     def make_tasks(
-        self, cfg: RunConfig, mtd: data.MultiTaskData, names: Sequence[str] | None, keep: Sequence[str] | None
+        self,
+        cfg: RunConfig,
+        mtd: data.MultiTaskData,
+        names: Sequence[str] | None,
+        keep: Sequence[str] | None,
     ) -> TaskSet:
         tasks = [Task.binary(t.name) for t in mtd.tasks if names is None or t.name in names]
         return TaskSet([_keep_metrics(t, keep) if keep else t for t in tasks])
@@ -416,8 +439,12 @@ class CensusSuite(TrainerSuite):
             levels = int(opts.get("n_levels", 2))
             factories = [expert] + [lambda: expert(width)] * (levels - 1)
             return architectures.create(
-                "ple", expert_factory=factories, heads=heads, gate_in_features=d_in,
-                expert_out_features=width, **opts,
+                "ple",
+                expert_factory=factories,
+                heads=heads,
+                gate_in_features=d_in,
+                expert_out_features=width,
+                **opts,
             )
         raise ValueError(f"census suites build hps, mmoe or ple, not {m.architecture!r}")
 
@@ -446,8 +473,8 @@ class RF1Suite(TrainerSuite):
     """
 
     description = "Mulan RF1 river flow: 8 regression targets (MAE), MLP hard sharing"
-    full = {"n_train": None, "n_val": None, "n_test": None, "epochs": 60}
-    quick = {"n_train": None, "n_val": None, "n_test": 2000, "epochs": 8}
+    full: ClassVar[dict[str, Any]] = {"n_train": None, "n_val": None, "n_test": None, "epochs": 60}
+    quick: ClassVar[dict[str, Any]] = {"n_train": None, "n_val": None, "n_test": 2000, "epochs": 8}
 
     def settings(self, quick: bool) -> dict[str, Any]:
         p = self.quick if quick else self.full
@@ -477,8 +504,8 @@ class ReviewsSuite(TrainerSuite):
     """
 
     description = "Women's clothing reviews: rating/recommended/department from TF-IDF, MLP"
-    full = {"n_train": None, "n_val": None, "n_test": None, "epochs": 10}
-    quick = {"n_train": 4000, "n_val": 1000, "n_test": 2000, "epochs": 3}
+    full: ClassVar[dict[str, Any]] = {"n_train": None, "n_val": None, "n_test": None, "epochs": 10}
+    quick: ClassVar[dict[str, Any]] = {"n_train": 4000, "n_val": 1000, "n_test": 2000, "epochs": 3}
 
     def settings(self, quick: bool) -> dict[str, Any]:
         p = self.quick if quick else self.full
@@ -515,10 +542,12 @@ class ReviewsMiniLMSuite(TrainerSuite):
     subset, so its embeddings come from the same cache.
     """
 
-    description = ("Women's clothing reviews (3,500-review subset): rating/recommended/department "
-                   "from MiniLM sentence embeddings, MLP (needs polytask[text])")
-    full = {"n_train": 2000, "n_val": 500, "n_test": 1000, "epochs": 30}
-    quick = {"n_train": 1000, "n_val": 250, "n_test": 500, "epochs": 8}
+    description = (
+        "Women's clothing reviews (3,500-review subset): rating/recommended/department "
+        "from MiniLM sentence embeddings, MLP (needs polytask[text])"
+    )
+    full: ClassVar[dict[str, Any]] = {"n_train": 2000, "n_val": 500, "n_test": 1000, "epochs": 30}
+    quick: ClassVar[dict[str, Any]] = {"n_train": 1000, "n_val": 250, "n_test": 500, "epochs": 8}
 
     def settings(self, quick: bool) -> dict[str, Any]:
         p = self.quick if quick else self.full
@@ -527,8 +556,12 @@ class ReviewsMiniLMSuite(TrainerSuite):
                 "name": "reviews",
                 "batch_size": 128,
                 "eval_batch_size": 1024,
-                "options": {"n_train": p["n_train"], "n_val": p["n_val"], "n_test": p["n_test"],
-                            "features": "minilm"},
+                "options": {
+                    "n_train": p["n_train"],
+                    "n_val": p["n_val"],
+                    "n_test": p["n_test"],
+                    "features": "minilm",
+                },
             },
             "model": {"architecture": "hps", "encoder": "mlp", "hidden": [256, 64]},
             "optimizer": {"name": "adam", "lr": 1e-3},

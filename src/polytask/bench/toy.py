@@ -198,7 +198,9 @@ def pareto_set(n: int = 2001) -> np.ndarray:
     return front.copy()
 
 
-def distance_to_pareto(points: np.ndarray | Sequence[float], front: np.ndarray | None = None) -> np.ndarray:
+def distance_to_pareto(
+    points: np.ndarray | Sequence[float], front: np.ndarray | None = None
+) -> np.ndarray:
     """Euclidean distance (in ``x`` space) from each point ``[..., 2]`` to the Pareto set.
 
     The distance is to the polyline through :func:`pareto_set` (2,001 points, spacing 0.007).
@@ -240,7 +242,7 @@ def balancer_direction(
         grads = torch.autograd.grad(obj, [lt, *own], allow_unused=True)
         w = grads[0] if grads[0] is not None else torch.zeros_like(lt)
         d = w @ jacobian
-        for p, g in zip(own, grads[1:]):
+        for p, g in zip(own, grads[1:], strict=False):
             p.grad = g
     else:
         with torch.inference_mode():  # no autograd bookkeeping: about 1.3x faster on 2x2 problems
@@ -285,7 +287,9 @@ def run_toy(
     """
     rec = info(method)
     if "extra_batch" in rec.protocol:
-        raise ValueError(f"toy: {method!r} needs extra batches, which a deterministic problem lacks")
+        raise ValueError(
+            f"toy: {method!r} needs extra batches, which a deterministic problem lacks"
+        )
     if steps < 1 or stride < 1:
         raise ValueError("toy: steps and stride must be >= 1")
     starts_np = np.asarray(starts, dtype=np.float64).reshape(-1, 2)
@@ -428,7 +432,9 @@ def _count_check(m: str, want: int) -> Callable[[dict[str, list[RunResult]]], tu
     return check
 
 
-def _side_check(ms: Sequence[str], sign: int) -> Callable[[dict[str, list[RunResult]]], tuple[bool, str]]:
+def _side_check(
+    ms: Sequence[str], sign: int
+) -> Callable[[dict[str, list[RunResult]]], tuple[bool, str]]:
     def check(runs: dict[str, list[RunResult]]) -> tuple[bool, str]:
         sides = {m: _front_side(runs, m) for m in ms}
         ok = all(math.isfinite(v) and np.sign(v) == sign for v in sides.values())
@@ -443,21 +449,44 @@ _FAMO = "Liu et al., FAMO (NeurIPS 2023), Fig. 1"
 #: claims readable in the papers' text (figure captions); the FAMO-protocol count of a third
 #: party is listed as such.
 FINDINGS: tuple[Finding, ...] = (
-    Finding(_FAMO, "Adam on the average loss (LS) fails to reach the Pareto front from 1 of the 5 "
-            "starts (FAMO runs 50,000 steps)", ("mean",), _count_check("mean", 4)),
-    Finding(_FAMO, "FAMO decreases the task losses in a balanced way and reaches the front from "
-            "every start", ("famo",), _count_check("famo", 5)),
-    Finding(_NASH, "for LS, PCGrad and CAGrad the optimisation is controlled by the gradient of "
-            "L2, which has the larger magnitude (their solutions favour L2)",
-            ("mean", "pcgrad", "cagrad"), _side_check(("mean", "pcgrad", "cagrad"), -1)),
-    Finding(_NASH, "Nash-MTL reaches the Pareto front from every start", ("nash_mtl",),
-            _count_check("nash_mtl", 5)),
-    Finding(_NASH + " (the figure; the caption's text on MGDA was not readable here)",
-            "MGDA leans towards the loss with the smaller gradient, L1", ("mgda",),
-            _side_check(("mgda",), +1)),
-    Finding("Hassanpour et al., ConicGrad (arXiv 2502.00217), Fig. 1, on FAMO's protocol",
-            "CAGrad reaches the global minimum of the average loss (on the front) from all 5 "
-            "starts", ("cagrad",), _count_check("cagrad", 5)),
+    Finding(
+        _FAMO,
+        "Adam on the average loss (LS) fails to reach the Pareto front from 1 of the 5 "
+        "starts (FAMO runs 50,000 steps)",
+        ("mean",),
+        _count_check("mean", 4),
+    ),
+    Finding(
+        _FAMO,
+        "FAMO decreases the task losses in a balanced way and reaches the front from every start",
+        ("famo",),
+        _count_check("famo", 5),
+    ),
+    Finding(
+        _NASH,
+        "for LS, PCGrad and CAGrad the optimisation is controlled by the gradient of "
+        "L2, which has the larger magnitude (their solutions favour L2)",
+        ("mean", "pcgrad", "cagrad"),
+        _side_check(("mean", "pcgrad", "cagrad"), -1),
+    ),
+    Finding(
+        _NASH,
+        "Nash-MTL reaches the Pareto front from every start",
+        ("nash_mtl",),
+        _count_check("nash_mtl", 5),
+    ),
+    Finding(
+        _NASH + " (the figure; the caption's text on MGDA was not readable here)",
+        "MGDA leans towards the loss with the smaller gradient, L1",
+        ("mgda",),
+        _side_check(("mgda",), +1),
+    ),
+    Finding(
+        "Hassanpour et al., ConicGrad (arXiv 2502.00217), Fig. 1, on FAMO's protocol",
+        "CAGrad reaches the global minimum of the average loss (on the front) from all 5 starts",
+        ("cagrad",),
+        _count_check("cagrad", 5),
+    ),
 )
 
 
@@ -594,8 +623,14 @@ class ToySuite(Suite):
                 mark = "yes" if r0.extras["reached"][i] else "no"
                 cells.append(mark + (f" ({k}/{len(rs)} seeds)" if len(rs) > 1 else ""))
             side = _front_side(runs, m)
-            rows.append([_LABELS.get(m, m), *cells, f"{sum(_reached(r0))}/{len(starts)}",
-                         f"{side:+.2f}" if math.isfinite(side) else "–"])
+            rows.append(
+                [
+                    _LABELS.get(m, m),
+                    *cells,
+                    f"{sum(_reached(r0))}/{len(starts)}",
+                    f"{side:+.2f}" if math.isfinite(side) else "–",  # noqa: RUF001
+                ]
+            )
         ftab = []
         for fnd in FINDINGS:
             if not all(m in runs for m in fnd.methods):
@@ -606,16 +641,21 @@ class ToySuite(Suite):
         text = (
             "A start reaches the front when its final point lies within "
             f"{first['pareto_tol']:g} (in x) of the Pareto set; seed 0 uses the published starts"
-            + ("" if seeds == [0] else ", seeds " + ", ".join(map(str, seeds[1:])) + " jittered "
-               "starts (in brackets: how many seeds reach from that start)")
+            + (
+                ""
+                if seeds == [0]
+                else ", seeds " + ", ".join(map(str, seeds[1:])) + " jittered "
+                "starts (in brackets: how many seeds reach from that start)"
+            )
             + ". x1/7 locates the final point on the front: -1 is L2's minimum, +1 L1's."
         )
         return [
-            {"title": "Which start reaches the Pareto front", "text": text,
-             "table": (head, rows)},
-            {"title": "The papers' qualitative findings, checked",
-             "text": "Each claim is tested on seed 0 (the published starts) of this run.",
-             "table": (["source", "claim", "this run", "verdict"], ftab)},
+            {"title": "Which start reaches the Pareto front", "text": text, "table": (head, rows)},
+            {
+                "title": "The papers' qualitative findings, checked",
+                "text": "Each claim is tested on seed 0 (the published starts) of this run.",
+                "table": (["source", "claim", "this run", "verdict"], ftab),
+            },
         ]
 
     def plots(self, results: dict[str, list[RunResult]], out_dir: Path) -> list[Path]:
@@ -624,19 +664,40 @@ class ToySuite(Suite):
             return []
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        return [plot_landscape(runs, out_dir / "toy_trajectories.png"),
-                plot_loss_space(runs, out_dir / "toy_loss_space.png")]
+        return [
+            plot_landscape(runs, out_dir / "toy_trajectories.png"),
+            plot_loss_space(runs, out_dir / "toy_loss_space.png"),
+        ]
 
 
 # ------------------------------------------------------------------------------------------------
 # figures
 # ------------------------------------------------------------------------------------------------
-_LABELS = {"mean": "LS (mean)", "sum": "LS (sum)", "mgda": "MGDA", "pcgrad": "PCGrad",
-           "cagrad": "CAGrad", "nash_mtl": "Nash-MTL", "famo": "FAMO", "imtl_g": "IMTL-G",
-           "imtl": "IMTL", "uw": "UW", "fairgrad": "FairGrad", "upgrad": "UPGrad",
-           "aligned_mtl": "Aligned-MTL"}
-_START_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
-                  "tab:olive", "tab:cyan")
+_LABELS = {
+    "mean": "LS (mean)",
+    "sum": "LS (sum)",
+    "mgda": "MGDA",
+    "pcgrad": "PCGrad",
+    "cagrad": "CAGrad",
+    "nash_mtl": "Nash-MTL",
+    "famo": "FAMO",
+    "imtl_g": "IMTL-G",
+    "imtl": "IMTL",
+    "uw": "UW",
+    "fairgrad": "FairGrad",
+    "upgrad": "UPGrad",
+    "aligned_mtl": "Aligned-MTL",
+}
+_START_COLOURS = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
 def _grid(n_panels: int) -> tuple[int, int]:
@@ -664,32 +725,50 @@ def plot_landscape(runs: dict[str, RunResult], path: Path, xl: float = 10.5) -> 
     front = pareto_set()
     rows, cols = _grid(len(runs))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
-    for ax in axes.flat[len(runs):]:
+    for ax in axes.flat[len(runs) :]:
         ax.axis("off")
-    for ax, (name, res) in zip(axes.flat, runs.items()):
+    for ax, (name, res) in zip(axes.flat, runs.items(), strict=False):
         ex = res.extras
         ax.contourf(gx, gy, mean_loss, levels=30, cmap="viridis", alpha=0.55)
         ax.contour(gx, gy, mean_loss, levels=15, colors="k", linewidths=0.3, alpha=0.5)
-        ax.plot(front[:, 0], front[:, 1], color="#555555", linewidth=5, alpha=0.8, zorder=2,
-                label="Pareto set")
+        ax.plot(
+            front[:, 0],
+            front[:, 1],
+            color="#555555",
+            linewidth=5,
+            alpha=0.8,
+            zorder=2,
+            label="Pareto set",
+        )
         for i, tr in enumerate(ex["trajectories"]):
             tr = np.asarray(tr)
             col = _START_COLOURS[i % len(_START_COLOURS)]
             ax.plot(tr[:, 0], tr[:, 1], color=col, linewidth=1.6, zorder=3)
             ax.scatter(tr[0, 0], tr[0, 1], color="k", s=30, zorder=4)
             ok = ex["reached"][i]
-            ax.scatter(tr[-1, 0], tr[-1, 1], color=col, marker="*" if ok else "X",
-                       s=170 if ok else 90, edgecolors="k", linewidths=0.8, zorder=5)
+            ax.scatter(
+                tr[-1, 0],
+                tr[-1, 1],
+                color=col,
+                marker="*" if ok else "X",
+                s=170 if ok else 90,
+                edgecolors="k",
+                linewidths=0.8,
+                zorder=5,
+            )
         n_ok = sum(ex["reached"])
-        ax.set_title(f"{_LABELS.get(name, name)}: {n_ok}/{len(ex['reached'])} reach the front",
-                     fontsize=10)
+        ax.set_title(
+            f"{_LABELS.get(name, name)}: {n_ok}/{len(ex['reached'])} reach the front", fontsize=10
+        )
         ax.set_xlim(-xl, xl)
         ax.set_ylim(-xl, xl)
         ax.set_aspect("equal")
         ax.tick_params(labelsize=7)
     fig.suptitle(
         f"Toy problem (L1 x {scale[0]:g}, L2 x {scale[1]:g}): contours of (L1+L2)/2, Pareto set "
-        "(grey), start (black dot), end (star: on the front, X: not)", fontsize=10)
+        "(grey), start (black dot), end (star: on the front, X: not)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -704,9 +783,9 @@ def plot_loss_space(runs: dict[str, RunResult], path: Path) -> Path:
     front_l = toy_losses(pareto_set(), scale)
     rows, cols = _grid(len(runs))
     fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.8 * rows), squeeze=False)
-    for ax in axes.flat[len(runs):]:
+    for ax in axes.flat[len(runs) :]:
         ax.axis("off")
-    for ax, (name, res) in zip(axes.flat, runs.items()):
+    for ax, (name, res) in zip(axes.flat, runs.items(), strict=False):
         ex = res.extras
         ax.plot(front_l[:, 0], front_l[:, 1], color="#777777", linewidth=6, zorder=1)
         for i, ls in enumerate(ex["losses"]):
@@ -715,8 +794,16 @@ def plot_loss_space(runs: dict[str, RunResult], path: Path) -> Path:
             ax.plot(ls[:, 0], ls[:, 1], color=col, linewidth=1.4, zorder=3)
             ax.scatter(ls[0, 0], ls[0, 1], color="k", s=25, zorder=4)
             ok = ex["reached"][i]
-            ax.scatter(ls[-1, 0], ls[-1, 1], color=col, marker="*" if ok else "X",
-                       s=150 if ok else 80, edgecolors="k", linewidths=0.8, zorder=5)
+            ax.scatter(
+                ls[-1, 0],
+                ls[-1, 1],
+                color=col,
+                marker="*" if ok else "X",
+                s=150 if ok else 80,
+                edgecolors="k",
+                linewidths=0.8,
+                zorder=5,
+            )
         ax.set_title(_LABELS.get(name, name), fontsize=10)
         ax.set_xlabel("L1", fontsize=8)
         ax.set_ylabel("L2", fontsize=8)

@@ -1,4 +1,4 @@
-"""GPU-scale vision suites: ``nyuv2``, ``cityscapes`` (dense prediction) and ``celeba`` (40 attributes).
+"""GPU-scale vision suites: ``nyuv2``, ``cityscapes`` (dense prediction), ``celeba`` (attributes).
 
 =============  ===============================================================================
 suite          protocol (version ``1``)
@@ -85,7 +85,7 @@ class SegmentationScore:
     >>> logits = torch.tensor([[[[5.0, 0.0]], [[0.0, 5.0]], [[0.0, 0.0]]]])  # [1, 3, 1, 2]
     >>> m.update(logits, torch.tensor([[[0, 2]]]))
     >>> float(m.compute())  # class 0 right (IoU 1), classes 1 and 2 wrong (IoU 0)
-    0.3333333432674072
+    0.3333333333333333
     """
 
     def __init__(self, n_classes: int, which: str) -> None:
@@ -102,15 +102,22 @@ class SegmentationScore:
         return self
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        if pred.ndim != 4 or pred.shape[1] != self.n or target.shape != (pred.shape[0], *pred.shape[2:]):
+        if (
+            pred.ndim != 4
+            or pred.shape[1] != self.n
+            or target.shape != (pred.shape[0], *pred.shape[2:])
+        ):
             raise ValueError(
-                f"segmentation: prediction must be [B, {self.n}, H, W] logits and target [B, H, W], "
+                f"segmentation: prediction must be [B, {self.n}, H, W] logits and target "
+                "[B, H, W], "
                 f"got {tuple(pred.shape)} and {tuple(target.shape)}"
             )
         p = pred.argmax(1).flatten()
         t = target.flatten().long()
         keep = (t >= 0) & (t < self.n)
-        self.mat += torch.bincount(self.n * t[keep] + p[keep], minlength=self.n**2).reshape(self.n, self.n)
+        self.mat += torch.bincount(self.n * t[keep] + p[keep], minlength=self.n**2).reshape(
+            self.n, self.n
+        )
 
     def compute(self) -> Tensor:
         h = self.mat.double()
@@ -148,7 +155,9 @@ class DepthError:
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         if pred.shape != target.shape:
-            raise ValueError(f"depth: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+            raise ValueError(
+                f"depth: prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ"
+            )
         mask = target.sum(1, keepdim=True) != 0
         mask = mask.expand_as(target)
         err = (pred - target).abs()[mask]
@@ -218,7 +227,7 @@ class NormalAngle:
             k = int(torch.searchsorted(torch.cumsum(self.hist, 0), (n + 1) // 2))
             return torch.tensor((k + 0.5) * width, dtype=torch.float64)
         limit = float(self.which.split("_")[1])
-        return self.hist[: int(round(limit / width))].sum().double() / n
+        return self.hist[: round(limit / width)].sum().double() / n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,7 +237,11 @@ def segmentation_task(name: str, n_classes: int) -> Task:
     """Pixel-wise cross-entropy (``ignore_index=-1``); metrics mIoU and pixel accuracy."""
 
     def loss(pred: Tensor, target: Tensor) -> Tensor:
-        if pred.ndim != 4 or pred.shape[1] != n_classes or target.shape != (pred.shape[0], *pred.shape[2:]):
+        if (
+            pred.ndim != 4
+            or pred.shape[1] != n_classes
+            or target.shape != (pred.shape[0], *pred.shape[2:])
+        ):
             raise ValueError(
                 f"task {name!r}: prediction must be [B, {n_classes}, H, W] and target [B, H, W], "
                 f"got {tuple(pred.shape)} and {tuple(target.shape)}"
@@ -253,8 +266,10 @@ def depth_task(name: str) -> Task:
 
     def loss(pred: Tensor, target: Tensor) -> Tensor:
         if pred.shape != target.shape:
-            raise ValueError(f"task {name!r}: prediction {tuple(pred.shape)} and target "
-                             f"{tuple(target.shape)} must have the same shape [B, 1, H, W]")
+            raise ValueError(
+                f"task {name!r}: prediction {tuple(pred.shape)} and target "
+                f"{tuple(target.shape)} must have the same shape [B, 1, H, W]"
+            )
         mask = _valid(target)
         return ((pred - target).abs() * mask).sum() / mask.sum().clamp_min(1)
 
@@ -270,8 +285,10 @@ def normal_task(name: str) -> Task:
 
     def loss(pred: Tensor, target: Tensor) -> Tensor:
         if pred.shape != target.shape or pred.ndim != 4 or pred.shape[1] != 3:
-            raise ValueError(f"task {name!r}: prediction and target must be [B, 3, H, W], got "
-                             f"{tuple(pred.shape)} and {tuple(target.shape)}")
+            raise ValueError(
+                f"task {name!r}: prediction and target must be [B, 3, H, W], got "
+                f"{tuple(pred.shape)} and {tuple(target.shape)}"
+            )
         mask = _valid(target)
         return 1.0 - (pred * target * mask).sum() / mask.sum().clamp_min(1)
 
@@ -302,8 +319,12 @@ class ScaleCropFlip(Dataset[dict[str, Tensor]]):
     then flip horizontally with probability 1/2 (negating the normals' x component).
     """
 
-    def __init__(self, base: Dataset[dict[str, Tensor]], scales: Sequence[float] = (1.0, 1.2, 1.5),
-                 flip: bool = True) -> None:
+    def __init__(
+        self,
+        base: Dataset[dict[str, Tensor]],
+        scales: Sequence[float] = (1.0, 1.2, 1.5),
+        flip: bool = True,
+    ) -> None:
         self.base, self.scales, self.flip = base, tuple(scales), flip
 
     def __len__(self) -> int:
@@ -357,7 +378,9 @@ class _VisionSuite(TrainerSuite):
 
     def data(self, protocol: Protocol) -> data.MultiTaskData:
         d = protocol.settings["data"]
-        key = repr([self.dataset, str(data_root(self.dataset)), sorted(d.get("options", {}).items())])
+        key = repr(
+            [self.dataset, str(data_root(self.dataset)), sorted(d.get("options", {}).items())]
+        )
         if key not in self._data:
             mtd = self.load(data_root(self.dataset), protocol)
             if protocol.settings.get("augment"):
@@ -368,8 +391,13 @@ class _VisionSuite(TrainerSuite):
     def load(self, root: Path, protocol: Protocol) -> data.MultiTaskData:
         raise NotImplementedError
 
-    def make_tasks(self, cfg: RunConfig, mtd: data.MultiTaskData, names: Sequence[str] | None,
-                   keep: Sequence[str] | None) -> TaskSet:
+    def make_tasks(
+        self,
+        cfg: RunConfig,
+        mtd: data.MultiTaskData,
+        names: Sequence[str] | None,
+        keep: Sequence[str] | None,
+    ) -> TaskSet:
         tasks = [self.task_for(spec) for spec in mtd.tasks if names is None or spec.name in names]
         return TaskSet(tasks)
 
@@ -418,13 +446,18 @@ class _DenseSuite(_VisionSuite):
 
         net = self._network
         kinds = {"segmentation": "segmentation", "depth": "depth", "normal": "normal"}
-        channels = {"segmentation": int(mtd.task("segmentation").n_classes or 0), "depth": 1, "normal": 3}
+        channels = {
+            "segmentation": int(mtd.task("segmentation").n_classes or 0),
+            "depth": 1,
+            "normal": 3,
+        }
         spec = {t.name: (channels[t.name], kinds[t.name]) for t in tasks}
         cls = {"segnet_mtan": SegNetMTAN, "segnet": SegNet}[net["name"]]
         return cls(spec, filters=net["filters"])
 
-    def train(self, protocol: Protocol, method: str, seed: int,
-              task_names: Sequence[str] | None = None) -> Any:
+    def train(
+        self, protocol: Protocol, method: str, seed: int, task_names: Sequence[str] | None = None
+    ) -> Any:
         self._network = protocol.settings["network"]
         return super().train(protocol, method, seed, task_names)
 
@@ -437,8 +470,10 @@ class _DenseSuite(_VisionSuite):
 class NYUv2Suite(_DenseSuite):
     """NYUv2, 3 tasks, SegNet-MTAN (Nash-MTL's NYUv2 protocol; GPU)."""
 
-    description = ("NYUv2 (GPU): 13-class segmentation + depth + normals, SegNet-MTAN, 200 epochs "
-                   "(Nash-MTL protocol, validation held out)")
+    description = (
+        "NYUv2 (GPU): 13-class segmentation + depth + normals, SegNet-MTAN, 200 epochs "
+        "(Nash-MTL protocol, validation held out)"
+    )
     dataset = "nyuv2"
 
     def settings(self, quick: bool) -> dict[str, Any]:
@@ -457,8 +492,10 @@ class NYUv2Suite(_DenseSuite):
 class CityscapesSuite(_DenseSuite):
     """Cityscapes, 7-class segmentation + depth, SegNet-MTAN (Nash-MTL's protocol; GPU)."""
 
-    description = ("Cityscapes (GPU): 7-class segmentation + depth, SegNet-MTAN, 200 epochs "
-                   "(Nash-MTL protocol, validation held out)")
+    description = (
+        "Cityscapes (GPU): 7-class segmentation + depth, SegNet-MTAN, 200 epochs "
+        "(Nash-MTL protocol, validation held out)"
+    )
     dataset = "cityscapes"
 
     def settings(self, quick: bool) -> dict[str, Any]:
@@ -476,7 +513,7 @@ class CityscapesSuite(_DenseSuite):
 
 
 class _BinaryF1:
-    """F1 of the positive class at threshold 0.5 (FAMO's CelebA metric); inputs are probabilities."""
+    """F1 of the positive class at threshold 0.5 (FAMO's CelebA metric), from probabilities."""
 
     def __init__(self) -> None:
         self.reset()
@@ -504,7 +541,9 @@ class _BinaryF1:
 class CelebASuite(_VisionSuite):
     """CelebA, 40 binary attributes, FAMO's CNN, F1 per attribute (FAMO's protocol; GPU)."""
 
-    description = "CelebA (GPU): 40 binary attributes, 64x64, FAMO's 9-layer CNN, F1 (FAMO protocol)"
+    description = (
+        "CelebA (GPU): 40 binary attributes, 64x64, FAMO's 9-layer CNN, F1 (FAMO protocol)"
+    )
     dataset = "celeba"
 
     def settings(self, quick: bool) -> dict[str, Any]:
@@ -514,15 +553,19 @@ class CelebASuite(_VisionSuite):
                 "batch_size": 256,
                 "eval_batch_size": 512,
                 "num_workers": 0 if quick else 4,
-                "options": {"image_size": [64, 64],
-                            **({"n_train": 20000, "n_val": 2000, "n_test": 5000} if quick else {})},
+                "options": {
+                    "image_size": [64, 64],
+                    **({"n_train": 20000, "n_val": 2000, "n_test": 5000} if quick else {}),
+                },
             },
             "network": {"name": "celeba_cnn", "width": 1.0},
             "optimizer": {"name": "adam", "lr": 3e-4},
             "trainer": {"epochs": 3 if quick else 15, "monitor": "val/loss"},
             "grad_conflict_batches": 1,
-            "notes": ["selection: official validation split, lowest validation loss (FAMO selects "
-                      "on validation mean F1)"],
+            "notes": [
+                "selection: official validation split, lowest validation loss (FAMO selects "
+                "on validation mean F1)"
+            ],
         }
 
     def load(self, root: Path, protocol: Protocol) -> data.MultiTaskData:
@@ -539,8 +582,9 @@ class CelebASuite(_VisionSuite):
 
         return CelebANet(list(tasks.names), width=float(self._network.get("width", 1.0)))
 
-    def train(self, protocol: Protocol, method: str, seed: int,
-              task_names: Sequence[str] | None = None) -> Any:
+    def train(
+        self, protocol: Protocol, method: str, seed: int, task_names: Sequence[str] | None = None
+    ) -> Any:
         self._network = protocol.settings["network"]
         return super().train(protocol, method, seed, task_names)
 
@@ -552,4 +596,3 @@ class CelebASuite(_VisionSuite):
         from ._report import REFERENCE_TABLES
 
         return REFERENCE_TABLES["celeba"]
-

@@ -249,8 +249,11 @@ def minilm_embeddings(
         with np.load(cache) as z:
             rows = zip(z["ids"], z["crc"], z["emb"], strict=True)
             table = {int(i): (int(c), e) for i, c, e in rows}
-    todo = [j for j, (i, c) in enumerate(zip(ids.tolist(), crc.tolist(), strict=True))
-            if table.get(i, (None,))[0] != c]
+    todo = [
+        j
+        for j, (i, c) in enumerate(zip(ids.tolist(), crc.tolist(), strict=True))
+        if table.get(i, (None,))[0] != c
+    ]
     if todo:
         enc = encoder if encoder is not None else _minilm_encoder()
         log.info("encoding %d review(s) with MiniLM (cache: %s)", len(todo), cache)

@@ -53,8 +53,12 @@ def _conv(cin: int, cout: int) -> nn.Sequential:
 
 def _att(cin: int, hidden: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, hidden, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-        nn.Conv2d(hidden, cout, 1), nn.BatchNorm2d(cout), nn.Sigmoid(),
+        nn.Conv2d(cin, hidden, 1),
+        nn.BatchNorm2d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(hidden, cout, 1),
+        nn.BatchNorm2d(cout),
+        nn.Sigmoid(),
     )
 
 
@@ -103,15 +107,20 @@ class _Backbone(nn.Module):
             [_conv(in_channels if j == 0 else f[j - 1], f[j]) for j in range(n)]
         )
         self.conv_block_enc = nn.ModuleList(
-            [_conv(f[j], f[j]) if j < 2 else nn.Sequential(_conv(f[j], f[j]), _conv(f[j], f[j]))
-             for j in range(n)]
+            [
+                _conv(f[j], f[j]) if j < 2 else nn.Sequential(_conv(f[j], f[j]), _conv(f[j], f[j]))
+                for j in range(n)
+            ]
         )
         # decoder of level k maps f[k] -> f[k-1] (f[0] at the top)
         self.decoder_block = nn.ModuleList([_conv(f[k], f[max(k - 1, 0)]) for k in range(n)])
         self.conv_block_dec = nn.ModuleList(
-            [_conv(f[max(k - 1, 0)], f[max(k - 1, 0)]) if k < 2
-             else nn.Sequential(_conv(f[k - 1], f[k - 1]), _conv(f[k - 1], f[k - 1]))
-             for k in range(n)]
+            [
+                _conv(f[max(k - 1, 0)], f[max(k - 1, 0)])
+                if k < 2
+                else nn.Sequential(_conv(f[k - 1], f[k - 1]), _conv(f[k - 1], f[k - 1]))
+                for k in range(n)
+            ]
         )
         self.pool = nn.MaxPool2d(2, 2, return_indices=True)
         self.unpool = nn.MaxUnpool2d(2, 2)
@@ -143,8 +152,9 @@ class _Backbone(nn.Module):
 
 
 class _DenseModel(MultiTaskModel):
-    def __init__(self, tasks: Mapping[str, tuple[int, str]], filters: Sequence[int],
-                 in_channels: int) -> None:
+    def __init__(
+        self, tasks: Mapping[str, tuple[int, str]], filters: Sequence[int], in_channels: int
+    ) -> None:
         super().__init__()
         self.tasks = _check_tasks(tasks)
         self.task_names = list(self.tasks)
@@ -175,8 +185,12 @@ class SegNet(_DenseModel):
     {'seg': (2, 13, 8, 8), 'depth': (2, 1, 8, 8)}
     """
 
-    def __init__(self, tasks: Mapping[str, tuple[int, str]],
-                 filters: Sequence[int] = _DEFAULT_FILTERS, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        tasks: Mapping[str, tuple[int, str]],
+        filters: Sequence[int] = _DEFAULT_FILTERS,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__(tasks, filters, in_channels)
         _init(self)
 
@@ -199,20 +213,28 @@ class SegNetMTAN(_DenseModel):
     ((2, 7, 16, 16), True)
     """
 
-    def __init__(self, tasks: Mapping[str, tuple[int, str]],
-                 filters: Sequence[int] = _DEFAULT_FILTERS, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        tasks: Mapping[str, tuple[int, str]],
+        filters: Sequence[int] = _DEFAULT_FILTERS,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__(tasks, filters, in_channels)
         f = self.backbone.filters
         n = len(f)
         out_of = [f[max(k - 1, 0)] for k in range(n)]  # decoder output channels per level
-        self.encoder_att = nn.ModuleDict({
-            t: nn.ModuleList([_att(f[j] if j == 0 else 2 * f[j], f[j], f[j]) for j in range(n)])
-            for t in self.task_names
-        })
-        self.decoder_att = nn.ModuleDict({
-            t: nn.ModuleList([_att(f[k] + out_of[k], out_of[k], out_of[k]) for k in range(n)])
-            for t in self.task_names
-        })
+        self.encoder_att = nn.ModuleDict(
+            {
+                t: nn.ModuleList([_att(f[j] if j == 0 else 2 * f[j], f[j], f[j]) for j in range(n)])
+                for t in self.task_names
+            }
+        )
+        self.decoder_att = nn.ModuleDict(
+            {
+                t: nn.ModuleList([_att(f[k] + out_of[k], out_of[k], out_of[k]) for k in range(n)])
+                for t in self.task_names
+            }
+        )
         # shared layers chaining the attention blocks
         self.encoder_block_att = nn.ModuleList(
             [_conv(f[j], f[j + 1] if j < n - 1 else f[j]) for j in range(n)]
