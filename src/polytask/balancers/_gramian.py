@@ -305,7 +305,9 @@ class CAGrad(GramianWeighting):
         if rescale not in (0, 1, 2):
             raise ValueError(f"cagrad: rescale must be 0, 1 or 2, got {rescale}")
         if convention not in ("torchjd", "official"):
-            raise ValueError(f"cagrad: convention must be 'torchjd' or 'official', got {convention!r}")
+            raise ValueError(
+                f"cagrad: convention must be 'torchjd' or 'official', got {convention!r}"
+            )
         self.c = float(c)
         self.norm_eps = float(norm_eps)
         self.rescale = int(rescale)
@@ -426,7 +428,9 @@ class NashMTL(GramianWeighting):
     ) -> None:
         super().__init__(n_tasks)
         if update_weights_every < 1:
-            raise ValueError(f"nash_mtl: update_weights_every must be >= 1, got {update_weights_every}")
+            raise ValueError(
+                f"nash_mtl: update_weights_every must be >= 1, got {update_weights_every}"
+            )
         if optim_niter < 1:
             raise ValueError(f"nash_mtl: optim_niter must be >= 1, got {optim_niter}")
         self.max_norm = float(max_norm)
@@ -509,9 +513,9 @@ class AlignedMTL(GramianWeighting):
     """Aligned-MTL: ``w = B u`` with ``B = sqrt(scale) V S^{-1/2} V^T`` from ``G = V S V^T``.
 
     Eigenvalues below ``lambda_max * K * eps(dtype)`` are treated as zero (rank truncation, as in
-    torchjd 0.18; LibMTL uses the float32 epsilon whatever the dtype); ``scale`` is the smallest kept
-    eigenvalue (``"min"``, default), the median (``"median"``) or the mean (``"rmse"``, as in the
-    official code). When the Gramian is zero, ``B`` is the identity. Linear under scaling.
+    torchjd 0.18; LibMTL uses the float32 epsilon whatever the dtype); ``scale`` is the smallest
+    kept eigenvalue (``"min"``, default), the median (``"median"``) or the mean (``"rmse"``, as in
+    the official code). When the Gramian is zero, ``B`` is the identity. Linear under scaling.
 
     Paper: D. Senushkin, N. Patakin, A. Kuznetsov & A. Konushin, "Independent Component Alignment
     for Multi-Task Learning", CVPR 2023 (Algorithm 1). Reference code: torchjd 0.18
@@ -601,9 +605,9 @@ class FairGrad(GramianWeighting):
     solution. On degenerate inputs where no positive solution exists (a zero gradient, or
     gradients with a vanishing non-negative combination, e.g. exactly opposite ones) the Newton
     iterations do not converge; the equation is then re-solved with ``1e-10 I`` added to the
-    trace-normalised Gramian, which makes the solution exist and keeps the weights finite. The official code multiplies
-    the direction by ``K`` and clips its norm in its training step; torchjd (whose convention the
-    parity vectors follow) returns ``w @ J`` unscaled, as here.
+    trace-normalised Gramian, which makes the solution exist and keeps the weights finite. The
+    official code multiplies the direction by ``K`` and clips its norm in its training step;
+    torchjd (whose convention the parity vectors follow) returns ``w @ J`` unscaled, as here.
 
     Paper: H. Ban & K. Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024.
     Reference code: torchjd 0.18 ``aggregation.FairGrad``; OptMN-Lab/fairgrad; LibMTL
@@ -719,7 +723,8 @@ class NTKMTLSR(GramianWeighting):
 
 @register(
     "krum",
-    paper="Blanchard et al., Machine Learning with Adversaries: Byzantine Tolerant GD, NeurIPS 2017",
+    paper="Blanchard et al., Machine Learning with Adversaries: Byzantine Tolerant GD, "
+    "NeurIPS 2017",
     description="(Multi-)Krum: average of the rows closest to their neighbours.",
     reference="torchjd 0.18 aggregation.Krum",
 )
@@ -863,7 +868,9 @@ class ConFIG(JacobianAggregator):
         coeff_u = Uh @ (s_inv * s_inv * (Uh.T @ pref))  # best = coeff_u @ units
         best = Vh.T @ (s_inv * (Uh.T @ pref))
         best_norm = best.norm()
-        scale = torch.where(best_norm > 1e-12, 1.0 / best_norm.clamp_min(1e-12), torch.zeros_like(best_norm))
+        scale = torch.where(
+            best_norm > 1e-12, 1.0 / best_norm.clamp_min(1e-12), torch.zeros_like(best_norm)
+        )
         unit_target = best * scale
         length = (jacobian @ unit_target).sum()
         self.last_weights = (length * scale * coeff_u * inv).detach()

@@ -390,9 +390,9 @@ def cagrad_weights(
     """CAGrad weights (torchjd convention): ``1/K + (sqrt_phi / ||g_w||) w``.
 
     With ``G~ = G / trace(G)``, ``b = G~ 1/K`` and ``r = radius_factor * c ||g_0||`` (``g_0`` the
-    mean gradient in the normalised space), ``w`` minimises ``b^T w + r sqrt(w^T G~ w)`` over the simplex. For
-    ``s > 0`` let ``w(s)`` solve the simplex QP ``min b^T w + (s/2) w^T G~ w``; ``w`` is the
-    ``w(s)`` with ``s ||g_{w(s)}|| = r``. On a fixed free set, ``w(s) = a + c/s`` with
+    mean gradient in the normalised space), ``w`` minimises ``b^T w + r sqrt(w^T G~ w)`` over the
+    simplex. For ``s > 0`` let ``w(s)`` solve the simplex QP ``min b^T w + (s/2) w^T G~ w``;
+    ``w`` is the ``w(s)`` with ``s ||g_{w(s)}|| = r``. On a fixed free set, ``w(s) = a + c/s`` with
     ``a^T G~ c = 0``, so ``(s ||g_{w(s)}||)^2 = s^2 a^T G~ a + c^T G~ c`` is increasing in ``s`` and
     the root is explicit. The solver alternates an exact QP solve at the current ``s`` with that
     explicit root on the QP's free set, safeguarded by bisection on ``log s``, and stops when the
