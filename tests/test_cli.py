@@ -67,6 +67,17 @@ def test_train_saves_config_and_code_version_and_resumes(tmp_path, capsys):
     assert torch.load(run / "last.pt", weights_only=False)["epoch"] == 3
 
 
+def test_threads_option(tmp_path):
+    path = _cfg(tmp_path, trainer={"epochs": 1})
+    before = torch.get_num_threads()
+    try:
+        assert cli.main(["train", str(path), "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+        assert cli.main(["train", str(path), "--threads", "0"]) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------------
 # The example configs (configs/*.yaml): every architecture selectable by name, each family's
 # example trains from the CLI on a tiny override
