@@ -244,9 +244,14 @@ class Trainer:
         if cfg.engine not in ("auto", "jacobian"):
             raise ValueError(f"engine must be 'auto' or 'jacobian', got {cfg.engine!r}")
         self.capture: LinearCapture | None = None
-        if cfg.engine == "auto" and step_rec.needs != "losses" and self.mode == "params":
-            cap = capture_linear_layers(model, list(model.shared_parameters()))
-            self.capture = cap if cap.modules else None
+        if cfg.engine == "auto" and step_rec.needs != "losses":
+            # params mode: the shared linear layers (exact activation-based path); representation
+            # mode with a Gramian method: the heads' linear layers (the Gramian of the
+            # representation gradients from the heads' output gradients)
+            which = "shared" if self.mode == "params" else "heads"
+            if which == "shared" or step_rec.needs == "gramian":
+                cap = capture_linear_layers(model, list(model.shared_parameters()), which=which)
+                self.capture = cap if cap.modules else None
         self.run_config = dict(run_config or {})
         self.epoch = 0
         self.history: list[dict[str, Any]] = []
@@ -340,10 +345,15 @@ class Trainer:
             )
         losses = tl.losses.float()
         self.optimizer.zero_grad(set_to_none=True)
-        step_losses = torch.cat([losses, *extra_losses]) if extra_losses else losses
-        scaled = step_losses * self.scaler.get_scale() if self.scaler is not None else step_losses
+        scale = self.scaler.get_scale() if self.scaler is not None else None
+        if extra_losses or len(tl.parts) != len(losses):
+            step_losses: Tensor | list[Tensor] = torch.cat([losses, *extra_losses])
+            if scale is not None:
+                step_losses = step_losses * scale
+        else:  # the K scalars (not stacked): each task's head backward then runs on its own
+            step_losses = [l.float() if scale is None else l.float() * scale for l in tl.parts]
         weights = mtl_backward(
-            scaled,
+            step_losses,
             shared_params=list(self.model.shared_parameters()),
             balancer=self._engine_balancer,
             features=features,
