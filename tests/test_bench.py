@@ -497,7 +497,7 @@ def test_run_toy_reaches_and_freezes_on_the_front():
     assert out["converged_step"][0] is not None and out["converged_step"][1] is None
     traj = np.asarray(out["trajectories"])
     assert traj.shape[0] == 2 and np.allclose(traj[:, 0], [[0.0, -8.0], [9.0, 9.0]])
-    assert out["record_steps"][-1] == out["steps_run"] == 2500
+    assert out["record_steps"][-1] == out["steps_run"] == 2500  # the stalled start runs on
     assert out["front_position"][0] == pytest.approx(out["final"][0][0] / 7)
     with pytest.raises(KeyError):
         run_toy("not_a_method", steps=2)
@@ -527,6 +527,11 @@ def test_toy_suite_protocol_seeds_and_report(tmp_path):
     assert set(summary["rows"]) == {"mean", "pcgrad"}
     r = RunResult.from_dict(json.loads((tmp_path / "mean" / "seed1.json").read_text())["result"])
     assert np.allclose(np.asarray(r.extras["starts"]), s1)
+    # the default (two worker processes) and one process give the same runs
+    serial = bench.run_protocol(suite, proto, ["mean", "pcgrad"], 2, out_dir=None,
+                                progress=False, jobs=1)
+    for m in ("mean", "pcgrad"):
+        assert serial["rows"][m]["metrics"] == summary["rows"][m]["metrics"]
     md = (tmp_path / "report.md").read_text()
     assert "Which start reaches the Pareto front" in md and "qualitative findings" in md
     assert (tmp_path / "plots" / "toy_trajectories.png").stat().st_size > 10_000

@@ -631,9 +631,16 @@ def _published_section(
     doc.h(2, "Published numbers")
     pubs = _published(suite, protocol)
     if not pubs:
+        if not suite.has_baselines:
+            doc.p(
+                f"references.md lists no published numbers for suite {suite.name!r}; the "
+                "published findings it reproduces are qualitative and are checked in the "
+                "sections above."
+            )
+            return
         doc.p(
             f"references.md lists no published numbers for the data of suite {suite.name!r}, so "
-            "there is nothing to compare with; the numbers below stand on their own (their "
+            "there is nothing to compare with; the numbers stand on their own (their "
             "single-task baselines are trained here under the same protocol)."
         )
         return

@@ -384,6 +384,85 @@ def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
     )
 
 
+def _execute(
+    suite: Suite, protocol: Protocol, m: str, s: int, root: Path, device: torch.device
+) -> RunResult:
+    """One run (``m == "stl"``: the baselines of seed ``s``), timed and memory-metered."""
+    work = root / m / f"seed{s}"
+    t0 = time.perf_counter()
+    with MemoryMeter(device) as meter:
+        r = suite.run_baseline(s, protocol, work) if m == STL else suite.run(m, s, protocol, work)
+    r.peak_memory_mb = meter.peak_mb
+    r.extras["memory"] = meter.record()
+    r.extras.setdefault("wall_time_s", time.perf_counter() - t0)
+    return r
+
+
+def _registered_as(suite: Suite) -> bool:
+    """Whether worker processes can rebuild ``suite`` by name (a registered suite of its type)."""
+    try:
+        return type(get_suite(suite.name)) is type(suite)
+    except KeyError:
+        return False
+
+
+_WORKER_SUITES: dict[str, Suite] = {}
+
+
+def _worker(
+    name: str, protocol: Protocol, m: str, s: int, root: str, threads: int | None, device: str
+) -> dict[str, Any]:
+    """Process-pool entry point: rebuild the suite, prepare it once per process, run."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    tag = json.dumps([name, protocol.key()], sort_keys=True, default=str)
+    suite = _WORKER_SUITES.get(tag)
+    if suite is None:
+        suite = get_suite(name)
+        suite.progress = False
+        suite.prepare(protocol)
+        _WORKER_SUITES.clear()
+        _WORKER_SUITES[tag] = suite
+    return _execute(suite, protocol, m, s, Path(root), torch.device(device)).to_dict()
+
+
+def _run_parallel(
+    suite: Suite,
+    protocol: Protocol,
+    todo: Sequence[tuple[str, int]],
+    planned: Mapping[tuple[str, int], int],
+    root: Path,
+    threads: int | None,
+    jobs: int,
+    device: str,
+    bar: Any,
+    record: Callable[[str, int, RunResult], None],
+) -> None:
+    """Train ``todo`` in ``jobs`` spawned worker processes; ``record`` each result as it ends."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    n_done = 0
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        # longest first, so that the last run to finish does not start last
+        order = sorted(todo, key=lambda p: -suite.relative_cost(p[0], protocol))
+        futures = {
+            pool.submit(_worker, suite.name, protocol, m, s, str(root), threads, device): (m, s)
+            for m, s in order
+        }
+        bar.set_description_str(f"{suite.name}: {jobs} runs at a time, 0/{len(todo)} done")
+        for fut in cf.as_completed(futures):
+            m, s = futures[fut]
+            r = RunResult.from_dict(fut.result())
+            n_done += 1
+            bar.update(planned[(m, s)])
+            bar.set_description_str(
+                f"{suite.name}: {jobs} runs at a time, {n_done}/{len(todo)} done"
+            )
+            bar.set_postfix_str(f"last: {m} seed {s}")
+            record(m, s, r)
+
+
 def run_protocol(
     suite: Suite,
     protocol: Protocol,
@@ -397,16 +476,22 @@ def run_protocol(
     train: bool = True,
     log: Callable[[str], None] | None = None,
     on_result: Callable[[str, int, RunResult], None] | None = None,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Run ``protocol`` of ``suite`` (see :func:`run_suite`); ``out_dir=None`` keeps nothing.
 
     ``train=False`` only aggregates (and reports) the stored results. ``on_result(method, seed,
     result)`` is called after every run, trained or reused (``method`` is ``"stl"`` for the
-    baselines).
+    baselines). ``jobs > 1`` trains that many runs at once in worker processes (registered
+    suites only; default the suite's ``default_jobs``); results do not depend on it.
     """
     say = log if log is not None else (lambda msg: print(msg, file=sys.stderr))
     if threads is None:
         threads = suite.default_threads
+    if jobs is None:
+        jobs = suite.default_jobs
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     chosen, skipped = resolve_methods(suite, protocol, methods)
     seed_list = resolve_seeds(protocol, seeds)
     if skipped:
@@ -445,11 +530,50 @@ def run_protocol(
                 planned = {p: suite.planned_epochs(p[0], protocol) for p in todo}
                 bar = _progress_bar(sum(planned.values()), suite.name, progress)
                 bar.set_description_str(f"{suite.name}: run 0/{len(todo)}")
+
+                def record(m: str, s: int, r: RunResult) -> None:
+                    if persistent:
+                        meta = {**env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                        _write_json(
+                            _run_path(root, m, s),
+                            {
+                                "format": RESULT_FORMAT,
+                                "protocol": key,
+                                "result": r.to_dict(),
+                                "meta": meta,
+                            },
+                        )
+                    done[(m, s)] = r
+                    if on_result is not None:
+                        on_result(m, s, r)
+
+                parallel = jobs > 1 and len(todo) > 1 and _registered_as(suite)
                 try:
-                    for i, (m, s) in enumerate(todo):
+                    batch = suite.run_batch(todo, protocol, jobs, bar.update) if parallel else None
+                    if batch is not None:
+                        bar.set_description_str(f"{suite.name}: {jobs} processes")
+                        for n_done, (m, s, r) in enumerate(batch, start=1):
+                            r.extras.setdefault("memory", {"kind": "cpu.rss_peak_growth"})
+                            bar.set_postfix_str(
+                                f"{n_done}/{len(todo)} runs done, last {m} seed {s}"
+                            )
+                            record(m, s, r)
+                    elif parallel:
+                        _run_parallel(
+                            suite,
+                            protocol,
+                            todo,
+                            planned,
+                            root,
+                            threads,
+                            jobs,
+                            str(device),
+                            bar,
+                            record,
+                        )
+                    for i, (m, s) in enumerate([] if parallel else todo):
                         bar.set_description_str(f"{suite.name}: run {i + 1}/{len(todo)}")
                         bar.set_postfix_str(f"{m} seed {s}")
-                        work = root / m / f"seed{s}"
                         start = bar.n
                         budget = planned[(m, s)]
 
@@ -459,30 +583,9 @@ def run_protocol(
                                 bar.update(n)
 
                         suite.advance = advance  # type: ignore[method-assign]
-                        t0 = time.perf_counter()
-                        with MemoryMeter(device) as meter:
-                            if m == STL:
-                                r = suite.run_baseline(s, protocol, work)
-                            else:
-                                r = suite.run(m, s, protocol, work)
-                        wall = time.perf_counter() - t0
+                        r = _execute(suite, protocol, m, s, root, device)
                         advance(budget)  # early-stopped runs: their remaining epochs are done
-                        r.peak_memory_mb = meter.peak_mb
-                        r.extras["memory"] = meter.record()
-                        r.extras.setdefault("wall_time_s", wall)
-                        if persistent:
-                            _write_json(
-                                _run_path(root, m, s),
-                                {
-                                    "format": RESULT_FORMAT,
-                                    "protocol": key,
-                                    "result": r.to_dict(),
-                                    "meta": {**env, "finished": time.strftime("%Y-%m-%d %H:%M:%S")},
-                                },
-                            )
-                        done[(m, s)] = r
-                        if on_result is not None:
-                            on_result(m, s, r)
+                        record(m, s, r)
                 finally:
                     bar.close()
                     suite.advance = Suite.advance.__get__(suite)  # type: ignore[method-assign]
@@ -529,6 +632,7 @@ def run_suite(
     threads: int | None = None,
     report: bool = True,
     train: bool = True,
+    jobs: int | None = None,
 ) -> dict[str, Any]:
     """Run benchmark suite ``name`` and write its report; return the aggregate.
 
@@ -537,7 +641,9 @@ def run_suite(
     matches (rerun when it does not). ``methods=None``: the protocol's default methods that are
     registered; ``seeds``: ``None`` (the protocol's), a count ``n`` (seeds ``0..n-1``) or a list.
     ``threads`` sets ``torch.set_num_threads`` for the runs (default: the suite's
-    ``default_threads``); ``train=False`` only re-aggregates and re-reports the stored results.
+    ``default_threads``); ``jobs``: runs trained at once in worker processes (default: the
+    suite's ``default_jobs``); ``train=False`` only re-aggregates and re-reports the stored
+    results.
     """
     suite = get_suite(name)
     protocol = suite.protocol(quick)
@@ -551,4 +657,5 @@ def run_suite(
         threads=threads,
         report=report,
         train=train,
+        jobs=jobs,
     )

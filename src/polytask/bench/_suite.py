@@ -8,7 +8,7 @@ result whose protocol differs is not reused.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,9 @@ class Suite:
     #: Small models run faster on one thread, above all on a shared CPU, where idle OpenMP
     #: threads spin; not part of the protocol (it changes no result beyond float round-off).
     default_threads: int | None = None
+    #: runs trained at once in worker processes when the caller gives no ``jobs`` (1: in this
+    #: process). Results do not depend on it; only single-threaded CPU suites should set 2.
+    default_jobs: int = 1
 
     def advance(self, n: int = 1) -> None:
         """Report ``n`` finished epochs of the current run (the runner's progress bar replaces
@@ -120,6 +123,19 @@ class Suite:
         s = protocol.settings
         epochs = s.get("trainer", {}).get("epochs", s.get("epochs", 1))
         return max(1, int(epochs))
+
+    def run_batch(
+        self, todo: Sequence[tuple[str, int]], protocol: Protocol, jobs: int, advance: Any
+    ) -> Iterator[tuple[str, int, RunResult]] | None:
+        """Optional: train the runs ``todo`` with ``jobs`` processes in a suite-specific way,
+        yielding ``(method, seed, RunResult)`` as runs finish and calling ``advance(n)`` for
+        progress. ``None`` (the default): the runner trains whole runs in a process pool."""
+        return None
+
+    def relative_cost(self, method: str, protocol: Protocol) -> float:
+        """A rough relative cost of one run, used only to start the longest runs first when
+        runs are trained in parallel (``jobs > 1``); default: ``planned_epochs``."""
+        return float(self.planned_epochs(method, protocol))
 
     def protocol(self, quick: bool) -> Protocol:
         raise NotImplementedError

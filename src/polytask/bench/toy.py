@@ -46,7 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -282,8 +282,10 @@ def run_toy(
     ``freeze=(every, tol)``: every ``every`` steps, a start whose point lies within
     ``pareto_tol`` of the Pareto set and moved less than ``tol`` since the previous check is
     frozen there (no more steps, its balancer is not called again; ``converged_step`` records
-    when). Points still moving, and points off the front, run all ``steps``. ``on_progress(n)``
-    is called with the number of steps done since its last call.
+    when); a point off the front is frozen when it moved less than ``tol`` in each of three
+    consecutive checks (stalled, e.g. in a valley; ``stalled`` says so). Points still moving run
+    all ``steps``. ``on_progress(n)`` is called with the number of steps done since its last
+    call.
     """
     rec = info(method)
     if "extra_batch" in rec.protocol:
@@ -314,6 +316,8 @@ def run_toy(
     direction = np.zeros_like(x)
     active = np.ones(n_starts, dtype=bool)
     converged_step: list[int | None] = [None] * n_starts
+    stalled = [False] * n_starts
+    still = np.zeros(n_starts, dtype=np.int64)  # consecutive checks without movement
     last_check = x.copy()
     reported = 0
     t0 = time.perf_counter()
@@ -346,9 +350,11 @@ def run_toy(
         if freeze is not None and step % freeze[0] == 0:
             moved = np.linalg.norm(x - last_check, axis=1)
             near = distance_to_pareto(x) <= pareto_tol
-            for i in np.flatnonzero(active & near & (moved < freeze[1])):
+            still = np.where(moved < freeze[1], still + 1, 0)
+            for i in np.flatnonzero(active & (still >= np.where(near, 1, 3))):
                 active[i] = False
                 converged_step[i] = step
+                stalled[i] = not bool(near[i])
             last_check = x.copy()
         done = not active.any()
         if step % stride == 0 or step == steps or done:
@@ -385,9 +391,112 @@ def run_toy(
         "weights": weights,
         "pareto_tol": pareto_tol,
         "converged_step": converged_step,
+        "stalled": stalled,
         "steps_run": record_steps[-1],
         "seconds": seconds,
     }
+
+
+# ------------------------------------------------------------------------------------------------
+# one start of one run, and the merge of a run's starts
+# ------------------------------------------------------------------------------------------------
+def toy_unit(method: str, start: Sequence[float], settings: dict[str, Any], seed: int) -> dict:
+    """:func:`run_toy` of ``method`` from one ``start`` under the protocol ``settings``."""
+    hp = dict(settings.get("method_hparams", {}).get(method, {}))
+    hp = {k: val for k, val in hp.items() if k in info(method).hparams}
+    freeze = settings.get("freeze")
+    out = run_toy(
+        method,
+        starts=[list(start)],
+        scale=settings["scale"],
+        steps=int(settings["steps"]),
+        lr=float(settings["lr"]),
+        betas=tuple(settings["betas"]),
+        eps=float(settings["eps"]),
+        balancer_lr=float(settings["balancer_lr"]),
+        loss_lower_bound=float(settings["loss_lower_bound"]),
+        hparams=hp,
+        seed=seed,
+        stride=int(settings["stride"]),
+        pareto_tol=float(settings["pareto_tol"]),
+        freeze=None if freeze is None else (int(freeze[0]), float(freeze[1])),
+    )
+    out["hparams"] = hp
+    return out
+
+
+def _toy_worker(method: str, start: Sequence[float], settings: dict[str, Any], seed: int) -> dict:
+    """Process-pool entry point of :meth:`ToySuite.run_batch` (one thread, memory metered)."""
+    from ._runner import MemoryMeter
+
+    torch.set_num_threads(1)
+    with MemoryMeter("cpu") as meter:
+        out = toy_unit(method, start, settings, seed)
+    out["memory"] = meter.record()
+    return out
+
+
+_PER_START = (
+    "starts",
+    "trajectories",
+    "losses",
+    "final",
+    "final_losses",
+    "distance",
+    "reached",
+    "front_position",
+    "weights",
+    "converged_step",
+    "stalled",
+)
+
+
+def toy_result(method: str, seed: int, parts: Sequence[dict[str, Any]]) -> RunResult:
+    """Merge the one-start records of :func:`toy_unit` (in start order) into one run.
+
+    Per-start fields become lists over the starts; ``record_steps`` too (a frozen start stops
+    early); ``seconds`` is the sum, ``steps_run`` the longest.
+    """
+    out: dict[str, Any] = {k: [p[k][0] for p in parts] for k in _PER_START}
+    out["record_steps"] = [p["record_steps"] for p in parts]
+    first = parts[0]
+    out.update(
+        method=method,
+        scale=first["scale"],
+        steps=first["steps"],
+        pareto_tol=first["pareto_tol"],
+        hparams=first.get("hparams", {}),
+        seconds=float(sum(p["seconds"] for p in parts)),
+        steps_run=max(p["steps_run"] for p in parts),
+    )
+    mems = [p["memory"] for p in parts if "memory" in p]
+    if mems:
+        out["memory"] = max(mems, key=lambda r: r["peak_mb"])
+    final_losses = np.asarray(out["final_losses"])
+    test = {
+        "pareto/reached": float(np.mean(out["reached"])),
+        "pareto/mean_distance": float(np.mean(out["distance"])),
+        "pareto/max_distance": float(np.max(out["distance"])),
+        "loss/final_mean": float(final_losses.mean()),
+    }
+    hib = {
+        "pareto/reached": True,
+        "pareto/mean_distance": False,
+        "pareto/max_distance": False,
+        "loss/final_mean": False,
+    }
+    steps_total = sum(p["steps_run"] for p in parts)
+    return RunResult(
+        method=method,
+        seed=seed,
+        test=test,
+        higher_is_better=hib,
+        time_per_epoch=out["seconds"] / max(steps_total, 1) * len(parts),  # one step of all starts
+        peak_memory_mb=float(out["memory"]["peak_mb"]) if mems else 0.0,
+        best_epoch=None,
+        history=[],
+        extras=out,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -497,13 +606,14 @@ FINDINGS: tuple[Finding, ...] = (
 class ToySuite(Suite):
     """CAGrad / Nash-MTL / FAMO two-objective toy: does each method reach the Pareto front?
 
-    Protocol ``toy-v2`` (``polytask bench toy``): Nash-MTL's and FAMO's variant (first loss x 0.1,
+    Protocol ``toy-v3`` (``polytask bench toy``): Nash-MTL's and FAMO's variant (first loss x 0.1,
     their five starts, Adam lr 1e-3, 35,000 steps, balancer parameters with Adam lr 0.025), with
     converged starts frozen (see :func:`run_toy`'s ``freeze``: within ``pareto_tol`` of the front
-    and moved < 0.01 over the last 1,000 steps). The problem and the default methods are
+    and moved < 0.01 over the last 1,000 steps, or off the front and moved < 0.01 in each of the
+    last three 1,000-step windows). The problem and the default methods are
     deterministic, so the protocol has one seed; seed ``k > 0`` (``--seeds 3``) moves every start
     by ``N(0, start_jitter^2)`` noise drawn from seed ``k``, which tests whether the finding
-    survives small changes of the starts. The quick protocol (``toy-quick-v2``) is a smoke test:
+    survives small changes of the starts. The quick protocol (``toy-quick-v3``) is a smoke test:
     3,500 steps at lr 1e-2 do not converge, so it does not reproduce the finding.
     """
 
@@ -513,6 +623,7 @@ class ToySuite(Suite):
     )
     has_baselines = False
     default_threads = 1  # 2x2 problems: torch's thread pool only adds overhead
+    default_jobs = 2  # independent single-threaded runs: one per core
 
     def protocol(self, quick: bool) -> Protocol:
         var = VARIANTS["nashmtl"]
@@ -538,16 +649,30 @@ class ToySuite(Suite):
         }
         if quick:
             settings.update(steps=3500, lr=1e-2, stride=5)
-            version = "toy-quick-v2"
+            version = "toy-quick-v3"
         else:
             settings.update(steps=var["steps"], lr=var["lr"], stride=50)
-            version = "toy-v2"
+            version = "toy-v3"
         registered = set(available())
         defaults = tuple(m for m in _PAPER_METHODS if m in registered)
         return Protocol("toy", version, settings, seeds=(0,), default_methods=defaults)
 
     def planned_epochs(self, method: str, protocol: Protocol) -> int:
         return int(protocol.settings["steps"])
+
+    #: seconds per toy run relative to LS, measured on the 2-core development machine (only
+    #: orders the parallel runs, longest first)
+    _COST: ClassVar[dict[str, float]] = {
+        "nash_mtl": 25.0,
+        "cagrad": 14.0,
+        "mgda": 4.0,
+        "pcgrad": 4.0,
+        "famo": 4.0,
+        "uw": 6.0,
+    }
+
+    def relative_cost(self, method: str, protocol: Protocol) -> float:
+        return self._COST.get(method, 1.0)
 
     def starts(self, protocol: Protocol, seed: int) -> np.ndarray:
         """The published starts (seed 0) or starts jittered with seed ``seed``'s noise."""
@@ -559,52 +684,42 @@ class ToySuite(Suite):
         return base + noise
 
     def run(self, method: str, seed: int, protocol: Protocol, work_dir: Path) -> RunResult:
-        s = protocol.settings
-        hp = dict(s.get("method_hparams", {}).get(method, {}))
-        hp = {k: val for k, val in hp.items() if k in info(method).hparams}
-        freeze = s.get("freeze")
-        out = run_toy(
-            method,
-            starts=self.starts(protocol, seed).tolist(),
-            scale=s["scale"],
-            steps=int(s["steps"]),
-            lr=float(s["lr"]),
-            betas=tuple(s["betas"]),
-            eps=float(s["eps"]),
-            balancer_lr=float(s["balancer_lr"]),
-            loss_lower_bound=float(s["loss_lower_bound"]),
-            hparams=hp,
-            seed=seed,
-            stride=int(s["stride"]),
-            pareto_tol=float(s["pareto_tol"]),
-            freeze=None if freeze is None else (int(freeze[0]), float(freeze[1])),
-            on_progress=self.advance,
-        )
-        out["hparams"] = hp
-        final_losses = np.asarray(out["final_losses"])
-        test = {
-            "pareto/reached": float(np.mean(out["reached"])),
-            "pareto/mean_distance": float(np.mean(out["distance"])),
-            "pareto/max_distance": float(np.max(out["distance"])),
-            "loss/final_mean": float(final_losses.mean()),
-        }
-        hib = {
-            "pareto/reached": True,
-            "pareto/mean_distance": False,
-            "pareto/max_distance": False,
-            "loss/final_mean": False,
-        }
-        return RunResult(
-            method=method,
-            seed=seed,
-            test=test,
-            higher_is_better=hib,
-            time_per_epoch=out["seconds"] / max(out["steps_run"], 1),  # one step = one epoch
-            peak_memory_mb=0.0,
-            best_epoch=None,
-            history=[],
-            extras=out,
-        )
+        """One method and seed: every start on its own (:func:`toy_unit`), then merged."""
+        starts = self.starts(protocol, seed).tolist()
+        parts = []
+        for start in starts:
+            parts.append(toy_unit(method, start, protocol.settings, seed))
+            self.advance(int(protocol.settings["steps"]) // len(starts))
+        return toy_result(method, seed, parts)
+
+    def run_batch(
+        self, todo: Sequence[tuple[str, int]], protocol: Protocol, jobs: int, advance: Any
+    ) -> Any:
+        """Train ``todo`` in ``jobs`` worker processes, one start of one run per task (the most
+        even split: the costliest method is a fifth of a run per task), longest first; yield
+        ``(method, seed, RunResult)`` as each run's starts are all done. The same results as
+        :meth:`run` (each start is independent: its own balancer and Adam state)."""
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        starts = {(m, sd): self.starts(protocol, sd).tolist() for m, sd in todo}
+        units = [(m, sd, i) for m, sd in todo for i in range(len(starts[(m, sd)]))]
+        units.sort(key=lambda u: -self.relative_cost(u[0], protocol))
+        parts: dict[tuple[str, int], dict[int, dict[str, Any]]] = {p: {} for p in todo}
+        per_unit = {p: int(protocol.settings["steps"]) // len(starts[p]) for p in todo}
+        ctx = mp.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+            futures = {
+                pool.submit(_toy_worker, m, starts[(m, sd)][i], protocol.settings, sd): (m, sd, i)
+                for m, sd, i in units
+            }
+            for fut in cf.as_completed(futures):
+                m, sd, i = futures[fut]
+                parts[(m, sd)][i] = fut.result()
+                advance(per_unit[(m, sd)])
+                if len(parts[(m, sd)]) == len(starts[(m, sd)]):
+                    got = parts.pop((m, sd))
+                    yield m, sd, toy_result(m, sd, [got[k] for k in sorted(got)])
 
     def sections(self, results: dict[str, list[RunResult]]) -> list[dict[str, Any]]:
         """Report sections: which start reaches the front, and the papers' findings checked."""
