@@ -1,9 +1,10 @@
 """Fast exact solvers for the small problems on the ``K x K`` Gramian, in torch.
 
-Same functions, signatures and results (to rounding) as :mod:`._solvers`, built to keep the
-number of tensor operations per call small, since at ``K <= 100`` the cost of a solver is the
-per-operation dispatch (a few microseconds on CPU, a kernel launch on an accelerator) far more
-than its arithmetic:
+Exported by :mod:`._solvers`. Same functions, signatures and results (to rounding) as the
+solvers they replaced (the *reference*, kept verbatim in ``benchmarks/_solvers_v0.py``), built
+to keep the number of tensor operations per call small, since at ``K <= 100`` the cost of a
+solver is the per-operation dispatch (a few microseconds on CPU, a kernel launch on an
+accelerator) far more than its arithmetic:
 
 * :func:`qp_active_set`: the convex QPs ``min 1/2 x^T Q x + p^T x`` over the simplex or the
   non-negative orthant are solved by *block principal pivoting* (the primal-dual active-set
@@ -12,15 +13,14 @@ than its arithmetic:
   at once (Hintermüller, Ito & Kunisch, 2002), with the safeguard of Júdice & Pires (1994):
   when the number of violations stops decreasing for three iterations, a single index is
   exchanged (Murty's rule), which makes the method finite for positive definite ``Q``. It needs
-  3 to 8 iterations on typical Gramians where the primal active-set method of
-  :mod:`._solvers` needs about as many iterations as the solution has free indices. When it
-  does not terminate within its budget (near-singular Gramians), the primal active-set method
-  (Lawson-Hanson) takes over from the best point found, so the result is always an exact KKT
-  point.
+  3 to 8 iterations on typical Gramians where the reference's primal active-set method needs
+  about as many iterations as the solution has free indices. When it does not terminate within
+  its budget (near-singular Gramians), that primal active-set method (Lawson-Hanson) takes over
+  from its last iterate, so the result is always an exact KKT point.
 * :func:`cagrad_weights`: the CAGrad problem is solved directly in its free set: on a fixed free
-  set the optimal ``s`` and ``w`` are explicit (see :func:`._solvers.cagrad_weights`), so the
-  same pivoting on the free set finds the solution in a few solves; the one-parameter search of
-  :mod:`._solvers` is kept as the fallback.
+  set the optimal ``s`` and ``w`` are explicit, so the same pivoting on the free set finds the
+  solution in a few solves; the reference's one-parameter search on ``s`` is kept as the
+  fallback.
 * :func:`power_equation`: the same damped Newton method on the same strictly convex potential;
   on CPU the one host read per iteration (the convergence test) also decides whether the full
   Newton step is taken, so the vectorised line search is only evaluated in the damped phase.
@@ -181,7 +181,7 @@ def _primal_active_set(
     rtol: float,
     scale_q: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """The primal active-set method of :func:`._solvers.qp_active_set` (Lawson-Hanson), from
+    """The reference's primal active-set method (Lawson-Hanson), from
     the feasible points ``x`` with free sets ``free`` (bool); rows marked ``done`` are kept."""
     B, K = p.shape
     dtype, device = Q.dtype, Q.device
@@ -262,7 +262,7 @@ def qp_active_set(
 
     by block principal pivoting (see the module docstring), falling back to the primal
     active-set method when pivoting does not terminate within its budget. At termination the KKT
-    conditions hold to rounding error (same tolerances as :func:`._solvers.qp_active_set`).
+    conditions hold to rounding error (same tolerances as the reference).
 
     Args:
         Q: ``[K, K]`` symmetric positive semi-definite matrix.
@@ -422,7 +422,7 @@ def power_equation(
 ) -> tuple[Tensor, Tensor]:
     """Positive solution ``a`` of ``G a = a^(-1/p)`` (elementwise), and a success flag.
 
-    Same method and result as :func:`._solvers.power_equation`: damped Newton iterations on the
+    Same method and result as the reference: damped Newton iterations on the
     strictly convex potential ``1/2 a^T G a + sum_i phi(a_i)``, ``phi'(t) = -t^(-1/p)``, on the
     Gramian normalised by its trace, from the minimiser of the potential on the ray through
     ``1/sqrt(diag G)``. Close to the solution (Newton decrement below 0.05, relative step below
@@ -603,12 +603,12 @@ def cagrad_weights(
 ) -> Tensor:
     """CAGrad weights (torchjd convention): ``1/K + (sqrt_phi / ||g_w||) w``.
 
-    Same problem and result as :func:`._solvers.cagrad_weights`: with ``G~ = G / trace(G)``,
+    Same problem and result as the reference: with ``G~ = G / trace(G)``,
     ``b = G~ 1/K`` and ``r = radius_factor * c ||g_0||``, ``w`` minimises
     ``b^T w + r sqrt(w^T G~ w)`` over the simplex and the weights are ``1/K + s w`` with
     ``s = r / ||g_w||`` (zero when ``||g_w|| < norm_eps``, i.e. ``s > s_max = r / norm_eps``).
     Solved by block pivoting on the free set of ``w`` (:func:`_cagrad_pivoting`); when that
-    does not terminate within its budget, the safeguarded search on ``s`` of :mod:`._solvers`
+    does not terminate within its budget, the reference's safeguarded search on ``s``
     (exact simplex QPs and the explicit root on their free sets) takes over.
     """
     K = gramian.shape[0]
@@ -647,7 +647,7 @@ def _cagrad_search(
     norm_eps: float,
     max_outer: int,
 ) -> Tensor:
-    """The search on ``s`` of :func:`._solvers.cagrad_weights`, from the QP solution ``x``
+    """The reference's search on ``s``, from the QP solution ``x``
     (free set ``free``) at ``s``."""
     K = G.shape[0]
     dtype, device = G.dtype, G.device
@@ -737,7 +737,7 @@ def nash_cccp_subproblem(
 ) -> tuple[Tensor, Tensor]:
     """Solve ``min c^T x`` subject to ``x_i (G x)_i >= 1`` for all ``i``.
 
-    Same method and result as :func:`._solvers.nash_cccp_subproblem`: the Nash point ``x_star``
+    Same method and result as the reference: the Nash point ``x_star``
     (``G x* = 1/x*``, every constraint active) is tested first with its KKT multipliers (one
     linear solve, one host read); otherwise a primal log-barrier method on the rotated-cone form
     of the constraints solves it to ``gap_tol`` relative duality gap.
