@@ -21,9 +21,11 @@ accelerator) far more than its arithmetic:
   set the optimal ``s`` and ``w`` are explicit, so the same pivoting on the free set finds the
   solution in a few solves; the reference's one-parameter search on ``s`` is kept as the
   fallback.
-* :func:`power_equation`: the same damped Newton method on the same strictly convex potential;
-  on CPU the one host read per iteration (the convergence test) also decides whether the full
-  Newton step is taken, so the vectorised line search is only evaluated in the damped phase.
+* :func:`power_equation`: the same damped Newton method on the same strictly convex potential,
+  for ``p = 1`` (Nash-MTL, FairGrad's default) from a better start (two Jacobi sweeps), which
+  halves the number of Newton iterations; on CPU the one host read per iteration (the
+  convergence test) also decides whether the full Newton step is taken, so the vectorised line
+  search is only evaluated in the damped phase.
 * :func:`nash_cccp_subproblem`: the same method, with a leaner fast path.
 
 Every function works for float32 and float64 on any device, never leaves torch and makes one
@@ -133,39 +135,67 @@ def _block_pivoting(
     lam_tol1 = (-tight) * scale_q
     rank = torch.arange(1, K + 1, dtype=dtype, device=device)
     state = None
-    x = lam = viol = info = xmax = xs = None
-    f_last = f
+    B = p.shape[0]
+    # On CPU, rows that have converged leave the batch (the host read of the convergence test
+    # returns the indices of the others): the batched factorisation, which dominates the cost
+    # of an iteration, then only runs on the problems still iterating.
+    compact = B > 1 and _host_branching(device)
+    rows: Tensor | None = None  # indices of the rows in the batch (compacting), None: all
+    x_all = lam_all = f_all = info_all = None  # last iterate of every row
+    pc, rhsc, tol0c = p, rhs, lam_tol0
     for it in range(n_iter):
         f_last = f
         M = torch.addcmul(eye, Qm1, f.unsqueeze(-1) * f.unsqueeze(-2))
         L, info = torch.linalg.cholesky_ex(M)
-        Y = torch.cholesky_solve(rhs * f.unsqueeze(-1), L)
+        Y = torch.cholesky_solve(rhsc * f.unsqueeze(-1), L)
         if simplex:
             sums = Y.sum(-2)
             nu = (1.0 - sums[:, :1]) / sums[:, 1:]
             x = torch.addcmul(Y[..., 0], nu, Y[..., 1])
-            lam = torch.addmm(p - nu, x, Q)
+            lam = torch.addmm(pc - nu, x, Q)
         else:
             x = Y.squeeze(-1)
-            lam = torch.addmm(p, x, Q)
+            lam = torch.addmm(pc, x, Q)
         xmax = x.abs().amax(-1, keepdim=True)
         xs = xmax if simplex else xmax.clamp_min(1.0)
         # x is zero off F and lam is (up to the ridge) zero on F.
-        viol = torch.where(f > 0, x < (-tight) * xmax, lam < torch.addcmul(lam_tol0, xs, lam_tol1))
-        if (it + 1) % check == 0 and not bool((viol.any(-1) & (info == 0)).any()):
+        viol = torch.where(f > 0, x < (-tight) * xmax, lam < torch.addcmul(tol0c, xs, lam_tol1))
+        pending = viol.any(-1) & (info == 0)
+        if rows is None:
+            x_all, lam_all, f_all, info_all = x, lam, f_last, info
+        else:
+            x_all.index_copy_(0, rows, x)
+            lam_all.index_copy_(0, rows, lam)
+            f_all.index_copy_(0, rows, f_last)
+            info_all.index_copy_(0, rows, info)
+        if compact:
+            keep = pending.nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() < pending.numel():
+                if rows is None:
+                    x_all, lam_all, f_all, info_all = (
+                        x_all.clone(), lam_all.clone(), f_all.clone(), info_all.clone())
+                rows = keep if rows is None else rows[keep]
+                pc, rhsc, tol0c, f, viol = pc[keep], rhsc[keep], tol0c[keep], f[keep], viol[keep]
+                if state is not None:
+                    state = (state[0][keep], state[1][keep])
+        elif (it + 1) % check == 0 and not bool(pending.any()):
             break
         if it < _PLAIN:
             f = torch.where(viol, 1.0 - f, f)
         else:
             f, state = _exchange(viol, f, state, rank)
-    if x is None:
-        return torch.zeros_like(p), f, torch.zeros(p.shape[0], dtype=torch.bool, device=device)
-    # The test with rtol itself on the last iterate, whose free set is f_last.
+    if x_all is None:
+        return torch.zeros_like(p), f, torch.zeros(B, dtype=torch.bool, device=device)
+    # The test with rtol itself on every row's last iterate.
+    xmax = x_all.abs().amax(-1, keepdim=True)
+    xs = xmax if simplex else xmax.clamp_min(1.0)
     loose = torch.where(
-        f_last > 0, x < (-rtol) * xmax, lam < (10.0 * torch.addcmul(lam_tol0, xs, lam_tol1))
+        f_all > 0, x_all < (-rtol) * xmax, lam_all < (10.0 * torch.addcmul(lam_tol0, xs, lam_tol1))
     )
-    conv = ~loose.any(-1) & (info == 0)
-    return x, torch.where(conv.unsqueeze(-1), f_last, f), conv
+    conv = ~loose.any(-1) & (info_all == 0)
+    return x_all, f_all, conv
 
 
 def _primal_active_set(
@@ -425,7 +455,8 @@ def power_equation(
     Same method and result as the reference: damped Newton iterations on the
     strictly convex potential ``1/2 a^T G a + sum_i phi(a_i)``, ``phi'(t) = -t^(-1/p)``, on the
     Gramian normalised by its trace, from the minimiser of the potential on the ray through
-    ``1/sqrt(diag G)``. Close to the solution (Newton decrement below 0.05, relative step below
+    ``1/sqrt(diag G)`` (for ``p = 1``, through two Jacobi sweeps on ``a (G a) = 1`` from
+    there). Close to the solution (Newton decrement below 0.05, relative step below
     1/2) the full Newton step is taken; otherwise the first step size of ``1, 1/2, ...,
     2^-11`` (times the largest step keeping ``a > 0``) that satisfies Armijo's condition. On CPU
     the iteration reads the decrement and the step length (one host read), so the line search
@@ -458,6 +489,17 @@ def power_equation(
     dGd = (d @ G @ d).clamp_min(tiny)
     kappa = ((d.pow(1.0 - inv_p)).sum() / dGd).pow(1.0 / (1.0 + inv_p))
     x = kappa * d
+    if inv_p == 1.0:
+        # Two Jacobi sweeps on x_i (G x)_i = 1 (x_i is the positive root of
+        # G_ii x_i^2 + o_i x_i = 1 with o = G x - diag(G) x), then back to the minimiser of the
+        # potential on the ray through the result: about 2.5 fewer Newton iterations at K = 40.
+        xj = x
+        for _ in range(2):
+            off = torch.addcmul(G @ xj, gd, xj, value=-1.0)
+            xn = 2.0 / (off + (off * off + 4.0 * gd).sqrt())
+            xj = torch.where(torch.isfinite(xn) & (xn > 0), xn, xj)
+        kappa_j = (K / (xj @ G @ xj)).sqrt()
+        x = torch.where(torch.isfinite(kappa_j) & (kappa_j > 0), kappa_j * xj, x)
 
     steps = torch.tensor([0.5**i for i in range(_LS_STEPS)], dtype=dtype, device=device)
     rel_tol = 10.0 * math.sqrt(_eps(dtype))
