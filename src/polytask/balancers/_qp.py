@@ -63,6 +63,13 @@ def _check_every(device: torch.device) -> int:
     return 1 if device.type == "cpu" else 4
 
 
+def _symmetric(A: Tensor) -> Tensor:
+    """The symmetric part of ``A`` (``A`` itself, exactly, when it is symmetric). A Gramian
+    computed as ``J @ J.T`` may be asymmetric at the rounding level; the factorisations read one
+    triangle only, so the problems are defined on the symmetric part."""
+    return 0.5 * (A + A.mT)
+
+
 def _host_branching(device: torch.device) -> bool:
     """Whether an iteration may branch on the values it reads for its convergence test (on
     CPU a host read costs nothing; elsewhere iterations are branch-free)."""
@@ -320,6 +327,7 @@ def qp_active_set(
     K = Q.shape[0]
     dtype, device = Q.dtype, Q.device
     eps = _eps(dtype)
+    Q = _symmetric(Q)
     scale_q = Q.diagonal().abs().amax().clamp_min(torch.finfo(dtype).tiny)
     rel_ridge = 64 * eps if ridge is None else ridge
     rtol = 1e3 * eps if tol is None else tol
@@ -478,7 +486,7 @@ def power_equation(
     inv_p = 1.0 / p
     trace = gramian.diagonal().sum()
     nf = trace.clamp_min(tiny)
-    G = gramian / nf
+    G = _symmetric(gramian / nf)
     if ridge > 0:
         G = G + ridge * torch.eye(K, dtype=dtype, device=device)
     if tol is None:
@@ -662,7 +670,7 @@ def cagrad_weights(
         return uniform
     if not bool(trace > tiny):
         return torch.zeros(K, dtype=dtype, device=device)
-    G = gramian / trace
+    G = _symmetric(gramian / trace)
     b = G.sum(-1) / K
     g0_sq = b.sum()  # ||g_0||^2 = 1^T G 1 / K^2
     r = radius_factor * c * g0_sq.clamp_min(0.0).sqrt()
