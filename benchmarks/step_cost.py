@@ -82,11 +82,11 @@ from typing import Any
 
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # the profiler's allocator warnings
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-import polytask  # noqa: E402
+import polytask
 
 # ------------------------------------------------------------------------------------------------
 # workload and method table
@@ -429,14 +429,14 @@ def load_libmtl(path: str | None) -> tuple[Any | None, str]:
     for name in ("cvxpy", "qpsolvers"):
         try:
             importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - absent or broken: a stand-in
+        except Exception:
             sys.modules[name] = _Missing(name)
             stubs.append(name)
     sys.path.insert(0, path)
     try:
         import LibMTL.architecture
         import LibMTL.weighting
-    except Exception as err:  # noqa: BLE001 - report whatever broke the import
+    except Exception as err:
         _LIBMTL.update(mod=None, note=f"LibMTL skipped: import failed ({type(err).__name__}: {err})")
         return None, _LIBMTL["note"]
     note = f"LibMTL from {path}"
@@ -724,7 +724,7 @@ def solver_times(method: str, k: int, p: int, seed: int, budget_s: float) -> dic
             out["polytask_ms"] = _median_call_ms(fn, budget_s, 200)
             out["polytask_input"] = "jacobian" if needs == "jacobian" else (
                 "gramian" if needs == "gramian" else "losses")
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             out["polytask_error"] = f"{type(err).__name__}: {err}"
     else:
         out["polytask_error"] = "not registered"
@@ -741,7 +741,7 @@ def solver_times(method: str, k: int, p: int, seed: int, budget_s: float) -> dic
         out["torchjd_ms"] = _median_call_ms(fn, budget_s, 200)
     except Unavailable as err:
         out["torchjd_error"] = str(err)
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         out["torchjd_error"] = f"{type(err).__name__}: {err}"
     return out
 
@@ -785,7 +785,7 @@ def run_config(
         except Unavailable as err:
             entry["skipped"] = str(err)
             continue
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             entry["error"] = f"{type(err).__name__}: {err}"
             log(f"  [{label} K={wl.k}] {kind}: setup failed: {entry['error']}")
             continue
@@ -811,7 +811,7 @@ def run_config(
                 f"({entry['ms']:.1f} ms vs {entry['baseline_ms']:.1f} ms)"
                 + (f", mem x{entry['mem_ratio']:.2f}" if "mem_ratio" in entry else "")
                 + f"  [{time.perf_counter() - t0:.0f} s]")
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             for key in ("ratio", "ms", "baseline_ms", "pairs"):
                 entry.pop(key, None)
             entry["error"] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -1043,7 +1043,7 @@ def _version(dist: str) -> str | None:
         from importlib.metadata import version
 
         return version(dist)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return None
 
 

@@ -139,7 +139,7 @@ def fast_backward(
     shared: Sequence[Tensor],
     records: Sequence[_Record],
     covered: set[int],
-    balancer: "Balancer",  # noqa: F821
+    balancer: Balancer,  # noqa: F821
     retain_graph: bool,
 ) -> Tensor | None:
     """Balanced update into ``.grad`` of ``shared`` from captured activations (exact).

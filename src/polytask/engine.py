@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._fast import LinearCapture, _Record, fast_backward
 from .balancers import Balancer, GramianWeighting, LossWeighting

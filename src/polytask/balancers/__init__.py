@@ -8,6 +8,16 @@ tensor([0.5000, 1.5000])
 
 from __future__ import annotations
 
+# Importing the implementation modules fills the registry.
+from . import (
+    _amortized,  # noqa: F401
+    _gramian,  # noqa: F401
+    _jacobian,  # noqa: F401
+    _losses,  # noqa: F401
+    _simple,  # noqa: F401
+    _stochastic,  # noqa: F401
+)
+from ._amortized import Amortized
 from ._base import (
     Balancer,
     BalancerInfo,
@@ -21,15 +31,6 @@ from ._base import (
     register,
     stack_batches,
 )
-
-# Importing the implementation modules fills the registry.
-from . import _simple  # noqa: F401, E402
-from . import _gramian  # noqa: F401, E402
-from . import _losses  # noqa: F401
-from . import _jacobian  # noqa: F401
-from . import _stochastic  # noqa: F401
-from . import _amortized  # noqa: F401, E402
-from ._amortized import Amortized  # noqa: E402
 from ._jacobian import compose, partition
 
 __all__ = [
