@@ -497,7 +497,7 @@ def test_run_toy_reaches_and_freezes_on_the_front():
     assert out["converged_step"][0] is not None and out["converged_step"][1] is None
     traj = np.asarray(out["trajectories"])
     assert traj.shape[0] == 2 and np.allclose(traj[:, 0], [[0.0, -8.0], [9.0, 9.0]])
-    assert out["record_steps"][-1] == out["steps_run"] == 2500  # the stalled start runs on
+    assert out["record_steps"][-1] == out["steps_run"] == 2500
     assert out["front_position"][0] == pytest.approx(out["final"][0][0] / 7)
     with pytest.raises(KeyError):
         run_toy("not_a_method", steps=2)

@@ -114,6 +114,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             threads=args.threads,
             train=not args.report_only,
+            jobs=args.jobs,
         )
     except ValueError as err:
         print(f"polytask: {err}", file=sys.stderr)
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--results", default="results", help="results directory (default: results)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads for the runs")
+    b.add_argument("--jobs", type=int, default=None,
+                   help="runs trained at once in worker processes (default: the suite's)")
     b.add_argument("--report-only", action="store_true",
                    help="do not train; aggregate and report the stored runs")
     b.set_defaults(func=_cmd_bench)
