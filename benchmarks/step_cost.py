@@ -28,7 +28,8 @@ Variants (each on its own copy of the model, so that hooks never slow the baseli
   per-sample Jacobians of a 1024x1024 layer alone take ``K*B*1.05M`` floats (2.1 GB at K=2), so it
   is not timed here (the output says so);
 * ``libmtl``: LibMTL's weighting mixin combined with its ``HPS`` architecture exactly as its
-  ``Trainer._prepare_model`` does (``class MTLmodel(HPS, weighting)``), ``zero_grad(set_to_none=False)``,
+  ``Trainer._prepare_model`` does (``class MTLmodel(HPS, weighting)``),
+  ``zero_grad(set_to_none=False)``,
   ``model.backward(losses, **weight_args)``, ``opt.step()`` (``rep_grad=True`` in repr rows).
   LibMTL is not a dependency: pass ``--libmtl PATH`` (or set ``LIBMTL_PATH``) to a checkout
   (the folder holding the ``LibMTL`` package); without it these columns are skipped.
@@ -67,6 +68,7 @@ import copy
 import gc
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -168,7 +170,7 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 def make_encoder(dims: Sequence[int]) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(dims[:-1], dims[1:]):
+    for d_in, d_out in itertools.pairwise(dims):
         layers += [nn.Linear(d_in, d_out), nn.ReLU()]
     return nn.Sequential(*layers)
 
@@ -196,7 +198,9 @@ class Workload:
         return sum(p.numel() for p in self.encoder.parameters())
 
 
-def task_losses(enc: nn.Module, heads: nn.ModuleList, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor]]:
+def task_losses(
+    enc: nn.Module, heads: nn.ModuleList, x: Tensor, y: Tensor
+) -> tuple[Tensor, list[Tensor]]:
     z = enc(x)
     return z, [F.mse_loss(h(z).squeeze(-1), y[:, i]) for i, h in enumerate(heads)]
 
@@ -437,7 +441,9 @@ def load_libmtl(path: str | None) -> tuple[Any | None, str]:
         import LibMTL.architecture
         import LibMTL.weighting
     except Exception as err:
-        _LIBMTL.update(mod=None, note=f"LibMTL skipped: import failed ({type(err).__name__}: {err})")
+        _LIBMTL.update(
+            mod=None, note=f"LibMTL skipped: import failed ({type(err).__name__}: {err})"
+        )
         return None, _LIBMTL["note"]
     note = f"LibMTL from {path}"
     if stubs:
@@ -489,7 +495,7 @@ class LibMTLStep(Variant):
 
         self.model = MTLmodel(
             task_name=names, encoder_class=lambda: enc,
-            decoders=nn.ModuleDict(dict(zip(names, heads))), rep_grad=rep_grad,
+            decoders=nn.ModuleDict(dict(zip(names, heads, strict=False))), rep_grad=rep_grad,
             multi_input=False, device=torch.device("cpu"), kwargs={},
         )
         self.wl = wl
@@ -521,7 +527,9 @@ class LibMTLStep(Variant):
             self.model.update_w(new.detach())
 
 
-def make_variant(kind: str, wl: Workload, method: str, mode: str, args: argparse.Namespace) -> Variant:
+def make_variant(
+    kind: str, wl: Workload, method: str, mode: str, args: argparse.Namespace
+) -> Variant:
     if mode.startswith("every"):
         if kind != "polytask":
             raise Unavailable("amortised rows time polytask only")
@@ -577,22 +585,28 @@ def _resident_bytes(variant: Variant) -> int:
     return sum(held.values())
 
 
-def peak_step_bytes(variant: Variant) -> int:
+def peak_step_bytes(variant: Variant, period: int = 1) -> int:
     """Peak tensor memory of one step: what is held between steps (parameters, gradients,
     optimiser state) plus the peak of the additional allocations during the step (see the
-    module docstring)."""
+    module docstring). ``period > 1`` (an amortised method): the peak over ``period``
+    consecutive steps, which include one full step."""
     variant.step()
-    return _resident_bytes(variant) + _peak_additional_bytes(variant)
+    return _resident_bytes(variant) + _peak_additional_bytes(variant, period)
 
 
-def _peak_additional_bytes(variant: Variant) -> int:
-    """Peak additional CPU tensor memory of one step (see the module docstring)."""
+def _peak_additional_bytes(variant: Variant, period: int = 1) -> int:
+    """Peak additional CPU tensor memory of one step, or over ``period`` consecutive steps
+    (see the module docstring)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    with _quiet_stderr_fd(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _quiet_stderr_fd(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         variant.step()
         with record_function(_MARK):
-            variant.step()
+            for _ in range(period):
+                variant.step()
     events = prof.profiler.kineto_results.events()
     marks = [e for e in events if e.name() == _MARK]
     if not marks:
@@ -650,13 +664,13 @@ def timed_pairs(
         "ratio_max": max(ratios),
         "ms": 1e3 * (statistics.median(tc) if period == 1 else statistics.fmean(tc)),
         "baseline_ms": 1e3 * statistics.median(tb),
-        "pairs": [[1e3 * b, 1e3 * c] for b, c in zip(tb, tc)],
+        "pairs": [[1e3 * b, 1e3 * c] for b, c in zip(tb, tc, strict=False)],
     }
 
 
 def flop_model(dims: Sequence[int], batch: int, k: int) -> dict[str, float]:
     """Matmul FLOPs (2 per multiply-add) of the sum step and of the parts of an exact step."""
-    layers = list(zip(dims[:-1], dims[1:]))
+    layers = list(itertools.pairwise(dims))
     b, d = batch, dims[-1]
     mm = [2 * b * i * o for i, o in layers]
     head = 2 * b * d  # one head's forward, weight grad or input grad
@@ -815,7 +829,7 @@ def run_config(
             period = int(mode.split()[1]) if mode.startswith("every") else 1
             entry.update(timed_pairs(base, cand, args.warmup, args.pairs, period))
             if args.memory:
-                peak = peak_step_bytes(cand)
+                peak = peak_step_bytes(cand, period)
                 entry["peak_bytes"] = peak
                 if base_peak:
                     entry["mem_ratio"] = peak / base_peak
@@ -923,8 +937,9 @@ def print_report(res: dict[str, Any]) -> None:
         gflop = f"{b['sum_step_flops'] / 1e9:.4f}"
         if counted:
             gflop += f" ({counted / 1e9:.4f})"
-        print(f"| {k} | {gflop} | {b['k_vjp_over_sum_step']:.2f}× "
-              f"| {b['exact_step_lower_bound']:.2f}× | {b['exact_step_with_gramian']:.2f}× |")
+        print(f"| {k} | {gflop} | {b['k_vjp_over_sum_step']:.2f}× "  # noqa: RUF001
+              f"| {b['exact_step_lower_bound']:.2f}× "  # noqa: RUF001
+              f"| {b['exact_step_with_gramian']:.2f}× |")  # noqa: RUF001
     if res["solver"]:
         print()
         print("## Solver alone (ms per call; input in brackets)")
@@ -970,8 +985,10 @@ def print_report(res: dict[str, Any]) -> None:
         for r in res["results"]:
             bp = res["baseline"][str(r["K"])].get("peak_bytes")
             print(f"| {r['label']} | {r['K']} | {fmt(bp / 2**20 if bp else None)} "
-                  f"| {cell(r, 'polytask', 'mem_ratio')} | {cell(r, 'polytask_nocap', 'mem_ratio')} "
-                  f"| {cell(r, 'torchjd', 'mem_ratio')} | {cell(r, 'torchjd_autogram', 'mem_ratio')} "
+                  f"| {cell(r, 'polytask', 'mem_ratio')} "
+                  f"| {cell(r, 'polytask_nocap', 'mem_ratio')} "
+                  f"| {cell(r, 'torchjd', 'mem_ratio')} "
+                  f"| {cell(r, 'torchjd_autogram', 'mem_ratio')} "
                   f"| {cell(r, 'libmtl', 'mem_ratio')} |")
     amort = [r for r in res["results"] if "amortized_error" in r]
     if amort:
@@ -1093,7 +1110,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     notes.append(libmtl_note)
     notes.append("torchjd autogram runs with batch_dim=None on the [K] loss vector; batch_dim=0 "
                  "needs per-instance losses [B, K] (instance-wise MTL) and per-sample Jacobians "
-                 f"of {max(i * o + o for i, o in zip(args.dims[:-1], args.dims[1:]))} parameters "
+                 f"of {max(i * o + o for i, o in itertools.pairwise(args.dims))} parameters "
                  "per layer for every (sample, task), so it is not timed")
     notes.append("polytask/torchjd divides by the faster of torchjd's autojac and autogram steps")
     res: dict[str, Any] = {
@@ -1104,8 +1121,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "polytask": polytask.__version__, "python": platform.python_version(),
             "platform": platform.platform(), "libmtl": getattr(libmtl, "__file__", None),
             "memory_method": "parameters + gradients + optimiser state held at the step start, "
-                             "plus the torch.profiler profile_memory peak of the running allocation "
-                             "sum during the second of two profiled steps minus its start value",
+                             "plus the torch.profiler profile_memory peak of the running "
+                             "allocation sum during the second of two profiled steps (for an "
+                             "amortised method: over the N steps after the first) minus its "
+                             "start value",
             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "polytask_available": sorted(available),
             "argv": list(sys.argv[1:] if argv is None else argv),
