@@ -9,6 +9,7 @@
 #         SUITES="toy census" scripts/run_results.sh
 #         RESULTS=/tmp/benchres scripts/run_results.sh   # where the raw runs go (default results)
 #         DRY_RUN=1 scripts/run_results.sh       # print the commands only
+#         QUICK="qm9 multi_mnist" scripts/run_results.sh  # these suites with --quick (default: qm9)
 #
 # Protocols (see docs/benchmarks.md; every one runs >= 8 methods over 3 seeds):
 #   toy                  the papers' protocol (35,000 Adam steps); --seeds 3: seed 0 the
@@ -27,11 +28,14 @@ OUT=${OUT:-docs/results}
 SUITES=${SUITES:-"toy multi_mnist multi_fashion multi_fashion_mnist qm9 census rf1 reviews"}
 DRY_RUN=${DRY_RUN:-0}
 
+QUICK=${QUICK:-"qm9"}  # suites run with their quick protocol
+
 args_for() {
+  local quick=""
+  case " $QUICK " in *" $1 "*) quick=" --quick" ;; esac
   case "$1" in
-    toy) echo "--seeds 3" ;;
-    qm9) echo "--quick" ;;
-    *) echo "" ;;
+    toy) echo "--seeds 3$quick" ;;
+    *) echo "${quick# }" ;;
   esac
 }
 

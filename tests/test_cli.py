@@ -14,7 +14,11 @@ from polytask.recipes import BUILDERS, build_model, build_tasks
 
 def _cfg(tmp_path, **over):
     raw = {
-        "data": {"name": "multi_mnist", "batch_size": 64, "options": {"n_train": 256, "n_val": 128, "n_test": 128}},
+        "data": {
+            "name": "multi_mnist",
+            "batch_size": 64,
+            "options": {"n_train": 256, "n_val": 128, "n_test": 128},
+        },
         "model": {"architecture": "hps", "encoder": "lenet", "hidden": [20]},
         "balancer": {"name": "mean"},
         "trainer": {"epochs": 2, "progress": False, "out_dir": str(tmp_path / "run")},
@@ -29,7 +33,10 @@ def _cfg(tmp_path, **over):
 def test_list_shows_methods_architectures_datasets(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
-    for word in ("methods", "mgda" if "mgda" in out else "mean", "architectures", "hps", "datasets", "multi_mnist"):
+    for word in (
+        "methods", "mgda" if "mgda" in out else "mean", "architectures", "hps", "datasets",
+        "multi_mnist",
+    ):
         assert word in out
 
 
@@ -41,7 +48,7 @@ def test_unknown_key_is_an_error(tmp_path):
 
 
 def test_bad_type_and_unknown_balancer(tmp_path):
-    with pytest.raises(ConfigError, match="trainer.epochs: expected an integer"):
+    with pytest.raises(ConfigError, match=r"trainer\.epochs: expected an integer"):
         load_config(_cfg(tmp_path, trainer={"epochs": "two"}))
     with pytest.raises(ConfigError, match="unknown balancer 'nope'"):
         load_config(_cfg(tmp_path, balancer={"name": "nope"}))

@@ -19,18 +19,28 @@ def _setup(k=3, seed=0):
 
 def _losses(enc, heads, x, y):
     z = enc(x)
-    return z, torch.stack([(h(z).squeeze(1) - t).pow(2).mean() for h, t in zip(heads, y)])
+    return z, torch.stack(
+        [(h(z).squeeze(1) - t).pow(2).mean() for h, t in zip(heads, y, strict=False)]
+    )
 
 
 def _reference(enc, heads, x, y):
     _, ls = _losses(enc, heads, x, y)
     jac = torch.stack(
         [
-            torch.cat([g.flatten() for g in torch.autograd.grad(l, list(enc.parameters()), retain_graph=True)])
-            for l in ls
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(loss, list(enc.parameters()), retain_graph=True)
+                ]
+            )
+            for loss in ls
         ]
     )
-    head_grads = [torch.autograd.grad(l, list(h.parameters()), retain_graph=True) for l, h in zip(ls, heads)]
+    head_grads = [
+        torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+        for loss, h in zip(ls, heads, strict=False)
+    ]
     return jac, head_grads, ls.detach()
 
 
@@ -66,8 +76,8 @@ def test_params_mode_gradients(name, use_features):
                           features=z if use_features else None)
     torch.testing.assert_close(_flat_grad(enc), expected, rtol=1e-5, atol=1e-6)
     # each head holds its own task's (unweighted) gradient
-    for h, gs in zip(heads, head_grads):
-        for p, g in zip(h.parameters(), gs):
+    for h, gs in zip(heads, head_grads, strict=False):
+        for p, g in zip(h.parameters(), gs, strict=False):
             torch.testing.assert_close(p.grad, g)
 
 
@@ -97,7 +107,7 @@ def test_every_gradient_method_matches_combine_on_exact_jacobian(name):
 def test_representation_mode_backpropagates_combined_feature_gradient():
     enc, heads, x, y = _setup()
     z, ls = _losses(enc, heads, x, y)
-    zg = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+    zg = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in ls])
     bal = balancers.create("mean", 3)
     d = bal.combine(zg, ls.detach()).view_as(z)
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(z, list(enc.parameters()), d)])
@@ -114,12 +124,13 @@ def test_representation_mode_backpropagates_combined_feature_gradient():
 def test_representation_mode_gradient_method():
     enc, heads, x, y = _setup()
     z, ls = _losses(enc, heads, x, y)
-    zg = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+    zg = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in ls])
     d = balancers.create("upgrad", 3).combine(zg, ls.detach()).view_as(z)
     expected = torch.cat([g.flatten() for g in torch.autograd.grad(z, list(enc.parameters()), d)])
     z, ls = _losses(enc, heads, x, y)
     _zero(enc, heads)
-    polytask.mtl_backward(ls, shared_params=enc.parameters(), balancer=balancers.create("upgrad", 3),
+    polytask.mtl_backward(ls, shared_params=enc.parameters(),
+                          balancer=balancers.create("upgrad", 3),
                           features=z, mode="representation")
     torch.testing.assert_close(_flat_grad(enc), expected, rtol=1e-4, atol=1e-6)
 
@@ -131,8 +142,8 @@ def test_representation_mode_without_features_is_an_error():
     if name is None:
         pytest.skip("no gradient method registered")
     with pytest.raises(ValueError, match="features"):
-        polytask.mtl_backward(ls, shared_params=enc.parameters(), balancer=balancers.create(name, 3),
-                              mode="representation")
+        polytask.mtl_backward(ls, shared_params=enc.parameters(),
+                              balancer=balancers.create(name, 3), mode="representation")
 
 
 def test_mode_the_method_cannot_work_in_raises():
@@ -152,7 +163,8 @@ def test_nan_loss_names_the_task():
     _, ls = _losses(enc, heads, x, y)
     ls = ls * torch.tensor([1.0, float("nan"), 1.0])
     with pytest.raises(FloatingPointError, match="depth"):
-        polytask.mtl_backward(ls, shared_params=enc.parameters(), balancer=balancers.create("mean", 3),
+        polytask.mtl_backward(ls, shared_params=enc.parameters(),
+                              balancer=balancers.create("mean", 3),
                               task_names=["seg", "depth", "normal"])
 
 
@@ -160,7 +172,9 @@ def test_wrong_number_of_losses():
     enc, heads, x, y = _setup()
     _, ls = _losses(enc, heads, x, y)
     with pytest.raises(ValueError, match="created for 2 tasks"):
-        polytask.mtl_backward(ls, shared_params=enc.parameters(), balancer=balancers.create("mean", 2))
+        polytask.mtl_backward(
+            ls, shared_params=enc.parameters(), balancer=balancers.create("mean", 2)
+        )
 
 
 def test_encoder_parameter_missing_from_shared_is_an_error():
@@ -176,12 +190,12 @@ def test_encoder_parameter_missing_from_shared_is_an_error():
 
 def test_grads_accumulate_like_backward():
     enc, heads, x, y = _setup()
-    jac, _, ls_ref = _reference(enc, heads, x, y)
+    jac, _, _ls_ref = _reference(enc, heads, x, y)
     _zero(enc, heads)
     for _ in range(2):
         z, ls = _losses(enc, heads, x, y)
-        polytask.mtl_backward(ls, shared_params=enc.parameters(), balancer=balancers.create("sum", 3),
-                              features=z)
+        polytask.mtl_backward(ls, shared_params=enc.parameters(),
+                              balancer=balancers.create("sum", 3), features=z)
     torch.testing.assert_close(_flat_grad(enc), 2 * jac.sum(0), rtol=1e-5, atol=1e-6)
 
 
@@ -195,7 +209,8 @@ def test_extra_loss_reaches_parameters():
     polytask.mtl_backward(ls, shared_params=enc.parameters(), balancer=balancers.create("sum", 3),
                           features=z, extra_loss=aux)
     torch.testing.assert_close(
-        _flat_grad(enc), jac.sum(0) + torch.cat([g.flatten() for g in expected_aux]), rtol=1e-5, atol=1e-6
+        _flat_grad(enc), jac.sum(0) + torch.cat([g.flatten() for g in expected_aux]),
+        rtol=1e-5, atol=1e-6,
     )
 
 
@@ -208,11 +223,11 @@ def test_stacked_batches_match_combine_on_per_batch_jacobians(name):
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(7, 5, generator=g) for _ in range(n)]
     ys = [torch.randn(3, 7, generator=g) for _ in range(n)]
-    refs = [_reference(enc, heads, x, y) for x, y in zip(xs, ys)]
+    refs = [_reference(enc, heads, x, y) for x, y in zip(xs, ys, strict=False)]
     stack = torch.stack([r[0] for r in refs])  # [B, K, P]
     expected = balancers.create(name, 3).combine(stack, torch.stack([r[2] for r in refs]))
     _zero(enc, heads)
-    ls = [_losses(enc, heads, x, y)[1] for x, y in zip(xs, ys)]
+    ls = [_losses(enc, heads, x, y)[1] for x, y in zip(xs, ys, strict=False)]
     bal = balancers.create(name, 3)
     weights = polytask.mtl_backward(
         torch.cat(ls), shared_params=enc.parameters(), balancer=balancers.stack_batches(bal)

@@ -39,7 +39,7 @@ class Model(nn.Module):
     def losses(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         if self.above:
             z = torch.tanh(self.l2(z)) * self.scale  # the tied layer and the scale above z
-        return [(h(z).squeeze(1) - t).pow(2).mean() for h, t in zip(self.heads, y)]
+        return [(h(z).squeeze(1) - t).pow(2).mean() for h, t in zip(self.heads, y, strict=False)]
 
 
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +58,12 @@ def _reference(model: Model, name: str, mode: str):
     bal = balancers.create(name, K)
     if mode == "params":
         jac = torch.stack(
-            [torch.cat([g.flatten() for g in torch.autograd.grad(l, shared, retain_graph=True)]) for l in ls]
+            [
+                torch.cat(
+                    [g.flatten() for g in torch.autograd.grad(loss, shared, retain_graph=True)]
+                )
+                for loss in ls
+            ]
         )
         direction = bal.combine(jac, torch.stack(ls).detach())
         offs, shared_grads = 0, []
@@ -66,13 +71,18 @@ def _reference(model: Model, name: str, mode: str):
             shared_grads.append(direction[offs : offs + p.numel()].view_as(p))
             offs += p.numel()
     else:
-        zg = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+        zg = torch.stack(
+            [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in ls]
+        )
         d = bal.combine(zg, torch.stack(ls).detach()).view_as(z)
         shared_grads = list(torch.autograd.grad(z, shared, d, retain_graph=True, allow_unused=True))
-        shared_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared, shared_grads)]
+        shared_grads = [
+            torch.zeros_like(p) if g is None else g
+            for p, g in zip(shared, shared_grads, strict=False)
+        ]
     head_grads = [
-        list(torch.autograd.grad(l, list(h.parameters()), retain_graph=True))
-        for l, h in zip(ls, model.heads)
+        list(torch.autograd.grad(loss, list(h.parameters()), retain_graph=True))
+        for loss, h in zip(ls, model.heads, strict=False)
     ]
     return shared_grads, head_grads
 
@@ -111,11 +121,11 @@ def test_params_mode_routes(name, above, as_list, features, capture):
     model = Model(above).double()
     ref_shared, ref_heads = _reference(model, name, "params")
     got_shared, got_heads = _engine(model, name, "params", as_list, features, capture)
-    for p, a, b in zip(model.shared(), got_shared, ref_shared):
+    for p, a, b in zip(model.shared(), got_shared, ref_shared, strict=False):
         assert a is not None, f"shared parameter {tuple(p.shape)} got no gradient"
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
-    for a_list, b_list in zip(got_heads, ref_heads):
-        for a, b in zip(a_list, b_list):
+    for a_list, b_list in zip(got_heads, ref_heads, strict=False):
+        for a, b in zip(a_list, b_list, strict=False):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -126,10 +136,10 @@ def test_representation_mode_routes(name, as_list):
     model = Model(above=False).double()
     ref_shared, ref_heads = _reference(model, name, "representation")
     got_shared, got_heads = _engine(model, name, "representation", as_list, True, False)
-    for a, b in zip(got_shared, ref_shared):
+    for a, b in zip(got_shared, ref_shared, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
-    for a_list, b_list in zip(got_heads, ref_heads):
-        for a, b in zip(a_list, b_list):
+    for a_list, b_list in zip(got_heads, ref_heads, strict=False):
+        for a, b in zip(a_list, b_list, strict=False):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -175,10 +185,14 @@ def test_amortized_reuse_step_is_one_backward_with_cached_weights(mode):
         ls = model.losses(z, y)
         if mode == "params":
             jac = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
-                l, model.shared(), retain_graph=True)]) for l in ls])
+                loss, model.shared(), retain_graph=True)]) for loss in ls])
         else:
-            jac = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
-        w = polytask.mtl_backward(ls, shared_params=model.shared(), balancer=bal, features=z, mode=mode)
+            jac = torch.stack(
+                [torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in ls]
+            )
+        w = polytask.mtl_backward(
+            ls, shared_params=model.shared(), balancer=bal, features=z, mode=mode
+        )
         if step % 3 == 0:
             w_exact = exact.weights_from_gramian(jac @ jac.T, None)
             torch.testing.assert_close(w, w_exact.to(w))
@@ -235,7 +249,7 @@ class HeadsModel(nn.Module):
 
     def losses(self, z: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
         out = []
-        for kind, h, t in zip(self.kinds, self.heads, y):
+        for kind, h, t in zip(self.kinds, self.heads, y, strict=False):
             if kind == "twice":
                 o = (h(z) * h(z)).sum(-1)
             elif kind == "nonlinear":
@@ -267,12 +281,12 @@ def test_representation_mode_with_captured_heads(name, kinds, tokens):
 
     z = model.enc(x)
     ls = model.losses(z, y)
-    zg = torch.stack([torch.autograd.grad(l, z, retain_graph=True)[0].flatten() for l in ls])
+    zg = torch.stack([torch.autograd.grad(loss, z, retain_graph=True)[0].flatten() for loss in ls])
     ref_bal = balancers.create(name, k)
     d = ref_bal.combine(zg, torch.stack(ls).detach()).view_as(z)
     expected = torch.autograd.grad(z, shared, d, retain_graph=True)
-    head_ref = [torch.autograd.grad(l, list(h.parameters()), retain_graph=True)
-                for l, h in zip(ls, model.heads)]
+    head_ref = [torch.autograd.grad(loss, list(h.parameters()), retain_graph=True)
+                for loss, h in zip(ls, model.heads, strict=False)]
 
     cap = polytask.capture_linear_layers(model, shared, which="heads")
     z = model.enc(x)
@@ -283,10 +297,10 @@ def test_representation_mode_with_captured_heads(name, kinds, tokens):
     cap.remove()
     assert cap.records == []
     torch.testing.assert_close(w, ref_bal.last_weights, rtol=1e-6, atol=1e-9)
-    for p, e in zip(shared, expected):
+    for p, e in zip(shared, expected, strict=False):
         torch.testing.assert_close(p.grad, e, rtol=1e-6, atol=1e-9)
-    for h, gs in zip(model.heads, head_ref):
-        for p, e in zip(h.parameters(), gs):
+    for h, gs in zip(model.heads, head_ref, strict=False):
+        for p, e in zip(h.parameters(), gs, strict=False):
             torch.testing.assert_close(p.grad, e, rtol=1e-9, atol=1e-12)
 
 

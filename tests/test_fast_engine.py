@@ -49,7 +49,7 @@ class Net(nn.Module):
 
 
 def _losses(net, x, y):
-    return torch.stack([(o - t).pow(2).mean() for o, t in zip(net(x), y)])
+    return torch.stack([(o - t).pow(2).mean() for o, t in zip(net(x), y, strict=False)])
 
 
 def _run(name_or_obj, capture, k=4, seed=0):
@@ -59,7 +59,9 @@ def _run(name_or_obj, capture, k=4, seed=0):
     cap = polytask.capture_linear_layers(net, net.shared()) if capture else None
     bal = name_or_obj(k) if isinstance(name_or_obj, type) else balancers.create(name_or_obj, k)
     torch.manual_seed(1)
-    w = polytask.mtl_backward(_losses(net, x, y), shared_params=net.shared(), balancer=bal, capture=cap)
+    w = polytask.mtl_backward(
+        _losses(net, x, y), shared_params=net.shared(), balancer=bal, capture=cap
+    )
     if cap is not None:
         assert len(cap.modules) == 3
         cap.remove()
@@ -71,11 +73,13 @@ def _methods():
     return [_InvNorm, *names]
 
 
-@pytest.mark.parametrize("method", _methods(), ids=lambda m: m if isinstance(m, str) else m.__name__)
+@pytest.mark.parametrize(
+    "method", _methods(), ids=lambda m: m if isinstance(m, str) else m.__name__
+)
 def test_capture_path_equals_jacobian_path(method):
     slow, w_slow = _run(method, capture=False)
     fast, w_fast = _run(method, capture=True)
-    for a, b in zip(slow, fast):
+    for a, b in zip(slow, fast, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     if w_slow is not None:
         torch.testing.assert_close(w_slow, w_fast, rtol=1e-7, atol=1e-9)
@@ -131,7 +135,7 @@ def test_capture_path_over_stacked_batches(name):
             cap.remove()
         results.append(([p.grad.clone() for p in net.parameters()], w, bal.last_weights))
     (slow, w_slow, t_slow), (fast, w_fast, t_fast) = results
-    for a, b in zip(slow, fast):
+    for a, b in zip(slow, fast, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(w_slow, w_fast, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(t_slow, t_fast, rtol=1e-7, atol=1e-9)

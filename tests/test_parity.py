@@ -166,7 +166,10 @@ def test_parity(case: dict) -> None:
             G = J @ J.T
             x_ref = ref * torch.linalg.matrix_norm(G).sqrt()
             Gt = G / torch.linalg.matrix_norm(G)
-            res = torch.linalg.vector_norm(Gt @ x_ref - 1 / x_ref) / torch.linalg.vector_norm(1 / x_ref)
+            res = (
+                torch.linalg.vector_norm(Gt @ x_ref - 1 / x_ref)
+                / torch.linalg.vector_norm(1 / x_ref)
+            )
             assert res > 1e-3, "the reference is the bargaining point after all"
             certified = got
         ok_ref, _ = _within(certified, exp, rtol, atol)

@@ -21,7 +21,10 @@ def test_readme_has_a_python_example():
 def test_readme_python_examples_run():
     for block in _python_blocks():
         scope: dict = {}
-        exec(compile(block, str(README), "exec"), scope)  # noqa: S102 - the README's own example
+        exec(compile(block, str(README), "exec"), scope)
         # the example's loop leaves a balanced gradient on the encoder and weights per task
         assert scope["weights"].shape == (3,)
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in scope["encoder"].parameters())
+        assert all(
+            p.grad is not None and torch.isfinite(p.grad).all()
+            for p in scope["encoder"].parameters()
+        )

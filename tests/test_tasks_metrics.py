@@ -14,7 +14,10 @@ def _ts():
 
 
 def _out(b=4):
-    return {"digit": torch.randn(b, 3, requires_grad=True), "depth": torch.randn(b, 1, requires_grad=True)}
+    return {
+        "digit": torch.randn(b, 3, requires_grad=True),
+        "depth": torch.randn(b, 1, requires_grad=True),
+    }
 
 
 def test_losses_match_hand_computed():
@@ -47,7 +50,10 @@ def test_mask_and_nan_targets_skip_samples():
 def test_task_without_any_label_gives_zero_loss_and_no_nan_gradient():
     ts = _ts()
     out = _out()
-    batch = {"digit": torch.tensor([0, 1, 2, 0]), "masks": {"digit": torch.zeros(4, dtype=torch.bool)}}
+    batch = {
+        "digit": torch.tensor([0, 1, 2, 0]),
+        "masks": {"digit": torch.zeros(4, dtype=torch.bool)},
+    }
     tl = ts.compute_losses(out, batch)  # depth key missing, digit fully masked
     assert tl.losses.tolist() == [0.0, 0.0]
     assert tl.counts.tolist() == [0, 0]
@@ -90,7 +96,9 @@ def test_metrics_use_torchmetrics_and_target_scale():
 
 def test_delta_m_sign_convention():
     # accuracy up 10% (good) and error up 10% (bad) cancel
-    assert delta_m({"a": 1.1, "e": 1.1}, {"a": 1.0, "e": 1.0}, {"a": True, "e": False}) == pytest.approx(0.0)
+    assert delta_m(
+        {"a": 1.1, "e": 1.1}, {"a": 1.0, "e": 1.0}, {"a": True, "e": False}
+    ) == pytest.approx(0.0)
     assert delta_m({"a": 0.5}, {"a": 1.0}, {"a": True}) == pytest.approx(50.0)
     assert delta_m({"e": 0.5}, {"e": 1.0}, {"e": False}) == pytest.approx(-50.0)
     with pytest.raises(KeyError):

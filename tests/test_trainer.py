@@ -61,12 +61,14 @@ def test_fit_learns_and_logs(tmp_path):
     assert len(hist) == 6
     assert hist[-1]["val/a/acc"] > 0.8
     assert hist[-1]["train/b/loss"] < hist[0]["train/b/loss"]
-    rows = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert {"weight/a", "weight/b", "val/b/mae"} <= set(rows[0])
     assert (tmp_path / "log.csv").read_text().startswith("epoch,")
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert ckpt["config"] == {"note": "test"} and ckpt["code_version"].startswith(polytask.__version__)
+    assert ckpt["config"] == {"note": "test"} and ckpt["code_version"].startswith(
+        polytask.__version__
+    )
     assert (tmp_path / "best.pt").exists()
 
 
@@ -82,9 +84,13 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, balancer):
     resumed.load_checkpoint(tmp_path / "part" / "last.pt")
     assert resumed.epoch == 2
     resumed.fit(loader(), loader())
-    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (k, a), b in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=False
+    ):
         assert torch.equal(a, b), k
-    for a, b in zip(full.balancer.state_dict().values(), resumed.balancer.state_dict().values()):
+    for a, b in zip(
+        full.balancer.state_dict().values(), resumed.balancer.state_dict().values(), strict=False
+    ):
         assert torch.equal(a, b)
     strip = lambda h: [{k: v for k, v in r.items() if k != "time"} for r in h]  # noqa: E731
     assert strip(full.history) == strip(resumed.history)
@@ -101,7 +107,7 @@ def test_masked_labels_use_only_labelled_samples():
     t.optimizer = torch.optim.SGD(t.model.parameters(), lr=0.1)  # no momentum carry-over
     out = t.train_step(batch)
     assert out["losses"][1] == 0 and torch.isfinite(out["losses"]).all()
-    for p, q in zip(t.model.heads["b"].parameters(), head_b):
+    for p, q in zip(t.model.heads["b"].parameters(), head_b, strict=False):
         assert torch.equal(p, q)
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
 
@@ -123,7 +129,9 @@ def test_bad_monitor_is_an_error():
 
 
 def test_balancer_task_count_mismatch():
-    model = polytask.architectures.create("hps", encoder=nn.Linear(5, 4), heads={"a": nn.Linear(4, 2)})
+    model = polytask.architectures.create(
+        "hps", encoder=nn.Linear(5, 4), heads={"a": nn.Linear(4, 2)}
+    )
     with pytest.raises(ValueError, match="created for 2 tasks"):
         Trainer(model, TaskSet([Task.classification("a", 2)]), polytask.balancers.create("mean", 2),
                 lambda p: torch.optim.SGD(p, lr=0.1))
@@ -134,12 +142,14 @@ def test_nan_loss_stops_with_task_name():
     batch = next(iter(DataLoader(Toy(), batch_size=8)))
     with torch.no_grad():
         t.model.heads["b"].weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="'b'|b"):
+    with pytest.raises(FloatingPointError, match=r"'b'|b"):
         t.train_step(batch)
 
 
 def test_gradient_method_trains():
-    name = next((n for n in ("mgda", "upgrad", "pcgrad") if n in polytask.balancers.available()), None)
+    name = next(
+        (n for n in ("mgda", "upgrad", "pcgrad") if n in polytask.balancers.available()), None
+    )
     if name is None:
         pytest.skip("no gradient method registered")
     t = make(name, epochs=3)
@@ -157,5 +167,5 @@ def test_fast_engine_matches_jacobian_engine(balancer):
     b = make(balancer, epochs=2, engine="jacobian")
     assert b.capture is None
     b.fit(loader())
-    for p, q in zip(a.model.parameters(), b.model.parameters()):
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=False):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -166,15 +166,15 @@ def fast_backward(
     )
     g_out = [
         (g if g is not None else o.new_zeros((k, *o.shape))).reshape(k, -1, o.shape[-1])
-        for g, o in zip(grads[: len(outputs)], outputs)
+        for g, o in zip(grads[: len(outputs)], outputs, strict=False)
     ]
     g_rest = [
         (g if g is not None else p.new_zeros((k, *p.shape))).reshape(k, -1)
-        for g, p in zip(grads[len(outputs) :], rest)
+        for g, p in zip(grads[len(outputs) :], rest, strict=False)
     ]
     # group the uses of each captured module (a layer applied several times sums its uses)
     by_module: dict[int, tuple[nn.Linear, list[Tensor], list[Tensor]]] = {}
-    for r, g in zip(records, g_out):
+    for r, g in zip(records, g_out, strict=False):
         entry = by_module.setdefault(id(r.module), (r.module, [], []))
         entry[1].append(r.inputs)
         entry[2].append(g)
@@ -200,7 +200,7 @@ def fast_backward(
             _add_grad(m.weight, gw.T @ a.to(gw.dtype), shared_ids)
             if m.bias is not None:
                 _add_grad(m.bias, gw.sum(0), shared_ids)
-        for p, j in zip(rest, g_rest):
+        for p, j in zip(rest, g_rest, strict=False):
             _add_grad(p, (w @ j).view_as(p), shared_ids)
         return balancer.last_weights
 
@@ -210,7 +210,7 @@ def fast_backward(
         per_param[id(m.weight)] = torch.einsum("kno,ni->koi", g, a.to(g.dtype)).reshape(k, -1)
         if m.bias is not None:
             per_param[id(m.bias)] = g.sum(1)
-    for p, j in zip(rest, g_rest):
+    for p, j in zip(rest, g_rest, strict=False):
         per_param[id(p)] = j
     cols = [per_param.get(id(p), p.new_zeros(k, p.numel())) for p in shared]
     jac = torch.cat(cols, dim=1)

@@ -100,7 +100,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if args.suite not in bench.available_suites():
         print(
-            f"polytask: unknown suite {args.suite!r}; available: {', '.join(bench.available_suites())}",
+            f"polytask: unknown suite {args.suite!r}; "
+            f"available: {', '.join(bench.available_suites())}",
             file=sys.stderr,
         )
         return 2
@@ -161,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("suite", help="suite name (see `polytask list suites`)")
     b.add_argument("--methods", nargs="+", default=None, help="methods (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the suite's)")
-    b.add_argument("--quick", action="store_true", help="the quick protocol (small data, few epochs)")
+    b.add_argument(
+        "--quick", action="store_true", help="the quick protocol (small data, few epochs)"
+    )
     b.add_argument("--results", default="results", help="results directory (default: results)")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads for the runs")

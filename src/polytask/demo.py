@@ -136,7 +136,9 @@ def main(
     out: str | None = "runs/demo/results.json",
 ) -> dict[str, Any]:
     cfg = demo_config(dataset, epochs, n_train)
-    chosen = list(methods) if methods else [m for m in DEFAULT_METHODS if m in balancers.available()]
+    chosen = (
+        list(methods) if methods else [m for m in DEFAULT_METHODS if m in balancers.available()]
+    )
     print(
         f"polytask demo: hard sharing (LeNet encoder) on {dataset}, {n_train} training pairs, "
         f"{epochs} epochs, Adam 1e-3; methods: {', '.join(chosen)}"

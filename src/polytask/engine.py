@@ -105,7 +105,7 @@ def _batched_grad(
 
 def _flatten(grads: Sequence[Tensor | None], params: Sequence[Tensor], k: int) -> Tensor:
     cols = []
-    for g, p in zip(grads, params):
+    for g, p in zip(grads, params, strict=False):
         if g is None:
             cols.append(p.new_zeros(k, p.numel()))
         else:
@@ -209,8 +209,10 @@ def mtl_backward(
     parts: list[Tensor] | None = None
     if not isinstance(losses, Tensor):
         parts = list(losses)
-        if not parts or not all(isinstance(l, Tensor) and l.ndim == 0 for l in parts):
-            raise ValueError("losses must be a [K] tensor or a non-empty sequence of scalar tensors")
+        if not parts or not all(isinstance(loss, Tensor) and loss.ndim == 0 for loss in parts):
+            raise ValueError(
+                "losses must be a [K] tensor or a non-empty sequence of scalar tensors"
+            )
         losses = torch.stack(parts)
     if mode not in ("params", "representation"):
         raise ValueError(f"mode must be 'params' or 'representation', got {mode!r}")
@@ -281,7 +283,9 @@ def mtl_backward(
                 "one backward from the representation would give them no gradient; pass only the "
                 "encoder's parameters as shared_params, or use mode='params'"
             )
-        head_records = [r for r in records if r.source is features and _owned_by(r, shared_ids, False)]
+        head_records = [
+            r for r in records if r.source is features and _owned_by(r, shared_ids, False)
+        ]
         plan = (
             _head_plan(parts, features, head_records)
             if parts is not None and head_records and isinstance(balancer, GramianWeighting)
@@ -413,18 +417,18 @@ def _representation_from_heads(
     ws: list[Tensor] = []
     owner: list[int] = []
     owner_of_block: list[int] = []
-    for i, (loss, recs) in enumerate(zip(parts, plan)):
+    for i, (loss, recs) in enumerate(zip(parts, plan, strict=False)):
         if not loss.requires_grad or not recs:
             continue
         outs = [r.output for r in recs]
         grads = torch.autograd.grad(loss, [*outs, *heads], retain_graph=True, allow_unused=True)
-        for r, g in zip(recs, grads[: len(outs)]):
+        for r, g in zip(recs, grads[: len(outs)], strict=False):
             if g is not None:
                 gys.append(g.reshape(rows, -1))
                 ws.append(r.module.weight)
                 owner += [i] * gys[-1].shape[1]  # the task of each column
                 owner_of_block.append(i)
-        for p, g in zip(heads, grads[len(outs) :]):
+        for p, g in zip(heads, grads[len(outs) :], strict=False):
             if g is not None:
                 if p.grad is None:
                     p.grad = g
@@ -448,7 +452,7 @@ def _representation_from_heads(
     else:
         jac = features.new_zeros(k, rows, d)
         start = 0
-        for i, g in zip(owner_of_block, gys):  # blocks are in task order
+        for i, g in zip(owner_of_block, gys, strict=False):  # blocks are in task order
             jac[i] += g @ wc[start : start + g.shape[1]]
             start += g.shape[1]
         jac = jac.reshape(k, -1)
@@ -459,7 +463,9 @@ def _representation_from_heads(
     return direction.reshape(features.shape)
 
 
-def _feature_grads_per_task(parts: Sequence[Tensor], features: Tensor, heads: Sequence[Tensor]) -> Tensor:
+def _feature_grads_per_task(
+    parts: Sequence[Tensor], features: Tensor, heads: Sequence[Tensor]
+) -> Tensor:
     """``[K, *features.shape]`` gradients of each loss w.r.t. ``features``, one task at a time.
 
     Each backward runs through that task's own head only (a batched backward from stacked losses
@@ -475,7 +481,7 @@ def _feature_grads_per_task(parts: Sequence[Tensor], features: Tensor, heads: Se
         grads = torch.autograd.grad(loss, inputs, retain_graph=True, allow_unused=True)
         if grads[0] is not None:
             out[i] = grads[0]
-        for p, g in zip(heads, grads[1:]):
+        for p, g in zip(heads, grads[1:], strict=False):
             if g is not None:
                 if p.grad is None:
                     p.grad = g

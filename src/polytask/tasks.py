@@ -170,7 +170,9 @@ class Task:
         """Raise a ValueError naming the task, tensor and expected shape on a mismatch."""
         b = target.shape[0] if target.ndim else None
         if target.ndim == 0:
-            raise ValueError(f"task {self.name!r}: target must have a batch dimension, got a scalar")
+            raise ValueError(
+                f"task {self.name!r}: target must have a batch dimension, got a scalar"
+            )
         if pred.shape[0] != b:
             raise ValueError(
                 f"task {self.name!r}: prediction has batch size {pred.shape[0]} but target has {b} "
@@ -211,7 +213,7 @@ class TaskLosses:
     parts: tuple[Tensor, ...] = ()
 
     def as_dict(self) -> dict[str, float]:
-        return {n: float(v) for n, v in zip(self.names, self.losses.detach())}
+        return {n: float(v) for n, v in zip(self.names, self.losses.detach(), strict=False)}
 
 
 class TaskSet:
@@ -286,7 +288,7 @@ class TaskSet:
             losses.append(loss)
             counts.append(n)
         dev = losses[0].device
-        parts = tuple(l.to(losses[0].dtype) for l in losses)
+        parts = tuple(task_loss.to(losses[0].dtype) for task_loss in losses)
         return TaskLosses(torch.stack(parts), torch.tensor(counts, device=dev), self.names, parts)
 
     def make_metrics(self) -> dict[str, dict[str, Any]]:

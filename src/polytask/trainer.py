@@ -234,7 +234,9 @@ class Trainer:
         if cfg.amp not in (None, "bf16", "fp16"):
             raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {cfg.amp!r}")
         if cfg.amp and self.device.type != "cuda":
-            raise ValueError(f"mixed precision (amp={cfg.amp!r}) needs CUDA; device is {self.device}")
+            raise ValueError(
+                f"mixed precision (amp={cfg.amp!r}) needs CUDA; device is {self.device}"
+            )
         if cfg.amp == "fp16" and step_rec.needs != "losses":
             raise ValueError(
                 "amp='fp16' needs loss scaling, which changes what gradient methods see; "
@@ -351,7 +353,9 @@ class Trainer:
             if scale is not None:
                 step_losses = step_losses * scale
         else:  # the K scalars (not stacked): each task's head backward then runs on its own
-            step_losses = [l.float() if scale is None else l.float() * scale for l in tl.parts]
+            step_losses = [
+                loss.float() if scale is None else loss.float() * scale for loss in tl.parts
+            ]
         weights = mtl_backward(
             step_losses,
             shared_params=list(self.model.shared_parameters()),
@@ -468,10 +472,10 @@ class Trainer:
                 "time": time.perf_counter() - t0,
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
-            for n, v in zip(self.tasks.names, train_losses):
+            for n, v in zip(self.tasks.names, train_losses, strict=False):
                 row[f"train/{n}/loss"] = v
             if wsum is not None:
-                for n, v in zip(self.tasks.names, (wsum / steps).tolist()):
+                for n, v in zip(self.tasks.names, (wsum / steps).tolist(), strict=False):
                     row[f"weight/{n}"] = v
             if val_loader is not None:
                 for k, v in self.evaluate(val_loader).items():
@@ -508,7 +512,7 @@ class Trainer:
             self.tasks.update_metrics(metrics, outputs, batch)
         means = (sums / counts.clamp_min(1)).tolist()
         result: dict[str, float] = {}
-        for n, v in zip(self.tasks.names, means):
+        for n, v in zip(self.tasks.names, means, strict=False):
             result[f"{n}/loss"] = v
         result["loss"] = float(sum(means))
         for tname, ms in metrics.items():

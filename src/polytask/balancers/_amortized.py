@@ -38,7 +38,8 @@ __all__ = ["Amortized"]
     "amortized",
     paper="Navon et al., Multi-Task Learning as a Bargaining Game, ICML 2022 "
     "(update_weights_every), applied to any Gramian weighting",
-    description="Opt-in approximation: recompute another Gramian weighting's weights every n steps.",
+    description="Opt-in approximation: recompute another Gramian weighting's weights every n "
+    "steps.",
     stateful=True,
     reference="AvivNavon/nash-mtl methods/weight_methods.py NashMTL(update_weights_every)",
 )

@@ -152,7 +152,8 @@ SOURCES: dict[str, VisionSource] = {
         files=(
             # Google Drive ids and MD5s as listed by torchvision.datasets.CelebA
             RemoteFile("https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pZjFTYXZWM3FlRnM",
-                       "img_align_celeba.zip", md5="00d2c5bc6d35e252742224ab0c1e8fcb", archive=True),
+                       "img_align_celeba.zip", md5="00d2c5bc6d35e252742224ab0c1e8fcb",
+                       archive=True),
             RemoteFile("https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pblRyaVFSWGxPY0U",
                        "list_attr_celeba.txt", md5="75e246fa4810816ffd6ee81facbd244c"),
             RemoteFile("https://drive.google.com/uc?export=download&id=0B7EVK8r0v71pY0NSMzRuSXJEVkk",
@@ -190,7 +191,7 @@ class VisionDataMissing(FileNotFoundError):
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5()  # noqa: S324 - the published checksum is an MD5
+    h = hashlib.md5()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -234,7 +235,10 @@ def download(name: str, root: str | Path, *, timeout: float = 60.0) -> Path:
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             part = Path(tmp) / rf.filename
             try:
-                with urllib.request.urlopen(rf.url, timeout=timeout) as resp, part.open("wb") as out:
+                with (
+                    urllib.request.urlopen(rf.url, timeout=timeout) as resp,
+                    part.open("wb") as out,
+                ):
                     shutil.copyfileobj(resp, out)
             except (urllib.error.URLError, OSError, ValueError) as exc:
                 raise VisionDataMissing(
@@ -310,7 +314,12 @@ def _check_npy_layout(name: str, root: Path, subdirs: Sequence[str]) -> dict[str
 class _NpyFolderDataset(Dataset[dict[str, torch.Tensor]]):
     """Samples ``{"x": image, task: target}`` read lazily from ``<split>/<folder>/<i>.npy``."""
 
-    def __init__(self, split_dir: Path, n: int, tasks: dict[str, tuple[str, Callable[[np.ndarray], torch.Tensor]]]) -> None:
+    def __init__(
+        self,
+        split_dir: Path,
+        n: int,
+        tasks: dict[str, tuple[str, Callable[[np.ndarray], torch.Tensor]]],
+    ) -> None:
         self.split_dir = split_dir
         self.n = n
         self.tasks = tasks
@@ -433,7 +442,8 @@ def cityscapes(
 def _celeba_paths(root: Path) -> tuple[Path, Path, Path]:
     """(image folder, attribute file, partition file) for the flat or the official layout."""
     candidates = [
-        (root / "img_align_celeba", root / "list_attr_celeba.txt", root / "list_eval_partition.txt"),
+        (root / "img_align_celeba", root / "list_attr_celeba.txt",
+         root / "list_eval_partition.txt"),
         (root / "Img" / "img_align_celeba", root / "Anno" / "list_attr_celeba.txt",
          root / "Eval" / "list_eval_partition.txt"),
         (root / "celeba" / "img_align_celeba", root / "celeba" / "list_attr_celeba.txt",
@@ -464,7 +474,9 @@ def _read_attributes(path: Path) -> tuple[list[str], list[str], np.ndarray]:
     names = [r[0] for r in rows]
     values = np.array([[int(v) for v in r[1:]] for r in rows], dtype=np.int64)
     if values.shape[1] != len(header):
-        raise ValueError(f"{path}: {len(header)} attribute names but {values.shape[1]} values per row")
+        raise ValueError(
+            f"{path}: {len(header)} attribute names but {values.shape[1]} values per row"
+        )
     if not np.isin(values, (-1, 1)).all():
         raise ValueError(f"{path}: attribute values must be -1 or 1")
     return header, names, (values > 0).astype(np.int64)
@@ -591,7 +603,7 @@ def verify(name: str, root: str | Path) -> dict[str, Any]:
         data = celeba(root, image_size=None, check_images=True)
         sizes = {"train": len(data.train), "val": len(data.val), "test": len(data.test)}  # type: ignore[arg-type]
         sums = {}
-        for rf, path in zip(SOURCES["celeba"].files[1:], (attr_file, part_file)):
+        for rf, path in zip(SOURCES["celeba"].files[1:], (attr_file, part_file), strict=False):
             bad = _check_sum(rf, path)
             sums[rf.filename] = "ok" if bad is None else bad
         return {"sizes": sizes, "published": SOURCES[name].sizes, "checksums": sums,
