@@ -227,6 +227,11 @@ def test_registry_record(name):
         assert not cfg.has_encode
     assert rec.compile in ("fullgraph", "graph_breaks", "unsupported")
     assert rec.compile == "fullgraph" or rec.compile_note
+    assert rec.outputs in ("logits", "probabilities")
+    if rec.outputs == "probabilities":  # every prediction is one probability per sample
+        out = model(cfg.make_input(5))
+        assert all(y.shape[0] == 5 and y.numel() == 5 for y in out.values())
+        assert all(((y >= 0) & (y <= 1)).all() for y in out.values())
 
 
 def test_polytask_list_shows_each_architecture_with_its_paper(capsys):

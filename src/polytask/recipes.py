@@ -63,19 +63,25 @@ def build_tasks(
 ) -> TaskSet:
     """polytask tasks from a dataset's task specs (regression metrics in original units).
 
-    ``binary``: two-class tasks as ``"softmax"`` (two logits, cross-entropy, accuracy) or
-    ``"logit"`` (one logit, binary cross-entropy, AUC and accuracy).
+    ``binary``: two-class tasks as ``"softmax"`` (two logits, cross-entropy, accuracy),
+    ``"logit"`` (one logit, binary cross-entropy, AUC and accuracy) or ``"probability"`` (one
+    output that is already a probability, as ESMM's; binary cross-entropy of it, AUC and
+    accuracy).
     """
-    if binary not in ("softmax", "logit"):
-        raise ValueError(f"binary must be 'softmax' or 'logit', got {binary!r}")
+    if binary not in ("softmax", "logit", "probability"):
+        raise ValueError(f"binary must be 'softmax', 'logit' or 'probability', got {binary!r}")
     tasks = []
     for spec in mtd.tasks:
         if names is not None and spec.name not in names:
             continue
         if spec.kind == "classification":
             assert spec.n_classes is not None
-            if spec.n_classes == 2 and binary == "logit":
-                tasks.append(Task.binary(spec.name, target=spec.target_key))
+            if spec.n_classes == 2 and binary != "softmax":
+                tasks.append(
+                    Task.binary(
+                        spec.name, probability=binary == "probability", target=spec.target_key
+                    )
+                )
             else:
                 tasks.append(Task.classification(spec.name, spec.n_classes, target=spec.target_key))
         else:
@@ -87,12 +93,23 @@ def build_tasks(
 # ------------------------------------------------------------------------------- models
 @dataclass
 class ModelContext:
-    """What an architecture builder needs: the config's model section, the input shape and the
-    tasks (their output widths)."""
+    """What an architecture builder needs: the config's model section, the input shape, the
+    tasks (their output widths) and, for categorical inputs, each field's number of categories
+    (``MultiTaskData.cardinalities``)."""
 
     section: ModelSection
     input_shape: tuple[int, ...]
     tasks: TaskSet
+    cardinalities: tuple[int, ...] | None = None
+
+    def _real_valued(self, what: str) -> None:
+        if self.cardinalities is not None:
+            raise ConfigError(
+                f"model.architecture: the {self.section.architecture!r} recipe reads the raw input "
+                f"as real values ({what}), but this dataset's inputs are category codes; recipes "
+                "that embed them: those whose encoder network reads the input alone (hps, "
+                "moe_router, esmm)"
+            )
 
     @property
     def kind(self) -> str:
@@ -109,6 +126,7 @@ class ModelContext:
     @property
     def d_in(self) -> int:
         """Per-sample number of input elements (what flattened-input gates read)."""
+        self._real_valued("gates on the flattened input")
         return math.prod(self.input_shape)
 
     @property
@@ -118,8 +136,15 @@ class ModelContext:
 
     def network(self) -> nn.Module:
         """One encoder network on the raw input: an MLP ``d_in -> hidden`` (flattening images)
-        or the LeNet of :func:`conv_encoder` with ``hidden[-1]`` features."""
+        or the LeNet of :func:`conv_encoder` with ``hidden[-1]`` features; for categorical inputs,
+        an ``embedding_dim``-wide embedding per field
+        (:class:`~polytask.architectures.FieldEmbedding`), concatenated, then the MLP."""
         m = self.section
+        if self.cardinalities is not None:
+            if m.encoder == "lenet":
+                raise ConfigError("model.encoder: lenet needs images; the inputs are categorical")
+            emb = architectures.FieldEmbedding(self.cardinalities, m.embedding_dim)
+            return nn.Sequential(emb, mlp([emb.out_features, *m.hidden], m.dropout))
         if self.kind == "lenet":
             return conv_encoder(self.input_shape, self.width)
         net = mlp([self.d_in, *m.hidden], m.dropout)
@@ -129,6 +154,7 @@ class ModelContext:
         """The encoder network as a staged encoder: one stage per MLP layer, or LeNet's three
         stages (:class:`~polytask.architectures.LeNetStages` with the kernels of
         :func:`conv_encoder`)."""
+        self._real_valued("its first stage")
         m = self.section
         if self.kind == "lenet":
             c, h, w = self.input_shape
@@ -234,10 +260,29 @@ def _staged(name: str) -> Builder:
 
 
 def _esmm(ctx: ModelContext, options: dict[str, Any]) -> nn.Module:
-    raise ConfigError(
-        "model.architecture: esmm models a click task and a click-and-conversion task whose "
-        "outputs are probabilities (pCTCVR = pCTR * pCVR); no dataset here has such a task pair, "
-        "so build it in Python (polytask.architectures.ESMM) with binary-cross-entropy tasks"
+    """The encoder network is the shared bottom (for categorical inputs: the shared field
+    embeddings, then the MLP); the CTR and CVR towers are the tasks' towers. ``task_names`` (in
+    ``model.options``): ``[click task, click-and-conversion task]``, default the dataset's order."""
+    names = options.pop("task_names", None)
+    names = list(ctx.tasks.names) if names is None else names
+    if (
+        len(ctx.tasks) != 2
+        or not isinstance(names, list)
+        or not all(isinstance(n, str) for n in names)
+        or sorted(names) != sorted(ctx.tasks.names)
+    ):
+        raise ConfigError(
+            "model.options.task_names: esmm models two tasks, [click task, click-and-conversion "
+            f"task] (default: the dataset's order); got {names!r} for the tasks {ctx.tasks.names}"
+        )
+    heads = ctx.heads()
+    return architectures.create(
+        "esmm",
+        encoder=ctx.network(),
+        ctr_tower=heads[names[0]],
+        cvr_tower=heads[names[1]],
+        task_names=names,
+        **options,
     )
 
 
@@ -277,7 +322,8 @@ def build_model(cfg: RunConfig, mtd: data.MultiTaskData, tasks: TaskSet) -> nn.M
             f"model.architecture: {m.architecture!r} has no config recipe; build it in Python "
             f"(recipes exist for {sorted(BUILDERS)})"
         )
-    ctx = ModelContext(m, tuple(shape), tasks)
+    _check_outputs(m.architecture, tasks)
+    ctx = ModelContext(m, tuple(shape), tasks, mtd.cardinalities)
     try:
         return builder(ctx, dict(m.options))
     except TypeError as err:  # an unknown or missing keyword argument of the architecture
@@ -286,6 +332,26 @@ def build_model(cfg: RunConfig, mtd: data.MultiTaskData, tasks: TaskSet) -> nn.M
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"model ({m.architecture!r}): {err}") from err
+
+
+def _check_outputs(name: str, tasks: TaskSet) -> None:
+    """The tasks' losses must read what the architecture predicts (its record's ``outputs``)."""
+    prob = [t.name for t in tasks if t.kind == "binary" and t.output == "probability"]
+    if architectures.info(name).outputs == "probabilities":
+        other = [t.name for t in tasks if t.name not in prob]
+        if other:
+            raise ConfigError(
+                f"model.architecture: {name!r} predicts probabilities (its record's outputs), so "
+                f"its tasks must be two-class tasks with tasks.binary: probability; not so: {other}"
+            )
+    elif prob:
+        with_probs = [
+            n for n in architectures.available() if architectures.info(n).outputs == "probabilities"
+        ]
+        raise ConfigError(
+            f"tasks.binary: probability is for architectures that predict probabilities "
+            f"({with_probs}); {name!r} predicts logits: use tasks.binary: logit"
+        )
 
 
 @dataclass

@@ -80,6 +80,14 @@ def _binary_accuracy() -> MetricSpec:
     return MetricSpec("acc", make, True)
 
 
+def _bce_of_probability(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean binary cross-entropy of probabilities ``pred``, in float32 with autocast off (CUDA
+    autocast refuses ``binary_cross_entropy``; its logs are clamped at -100 and its gradient
+    stays finite at probabilities of exactly 0 or 1)."""
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        return F.binary_cross_entropy(pred.reshape(-1).float(), target.reshape(-1).float())
+
+
 @dataclass
 class Task:
     """One task of a multi-task problem.
@@ -88,14 +96,18 @@ class Task:
         name: unique task name (the key of the model's output and, by default, of the target).
         loss: ``loss(prediction, target) -> scalar`` averaged over the samples it is given.
         metrics: metrics computed on evaluation data.
-        kind: ``"classification"`` (logits ``[B, C]``, int targets ``[B]``), ``"binary"`` (logits
-            ``[B]`` or ``[B, 1]``, targets in {0, 1}), ``"regression"`` (``[B]`` or ``[B, 1]``
-            predictions, float targets ``[B]``) or ``"custom"`` (no shape checks).
+        kind: ``"classification"`` (logits ``[B, C]``, int targets ``[B]``), ``"binary"`` (one
+            logit or probability per sample, ``[B]`` or ``[B, 1]``, targets in {0, 1}; see
+            ``output``), ``"regression"`` (``[B]`` or ``[B, 1]`` predictions, float targets
+            ``[B]``) or ``"custom"`` (no shape checks).
         weight: optional fixed weight (used by the ``fixed`` balancer when configured so).
         target: batch key of the target, or a callable ``batch -> target`` (default: ``name``).
         n_classes: number of classes for classification.
         target_scale: multiply regression predictions/targets by this before metrics (e.g. to
             report errors in original units after standardisation).
+        output: what a binary task's prediction is: ``"logit"`` (metrics see its sigmoid) or
+            ``"probability"`` (already in [0, 1], e.g. ESMM's pCTR and pCTCVR; metrics see it
+            unchanged).
     """
 
     name: str
@@ -106,10 +118,15 @@ class Task:
     target: str | Callable[[Mapping[str, Any]], Tensor | None] | None = None
     n_classes: int | None = None
     target_scale: float = 1.0
+    output: Literal["logit", "probability"] = "logit"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"task name must be a non-empty string, got {self.name!r}")
+        if self.output not in ("logit", "probability"):
+            raise ValueError(
+                f"task {self.name!r}: output must be 'logit' or 'probability', got {self.output!r}"
+            )
         if self.target is None:
             self.target = self.name
 
@@ -121,11 +138,20 @@ class Task:
         return cls(name, F.cross_entropy, kind="classification", n_classes=n_classes, **kw)
 
     @classmethod
-    def binary(cls, name: str, **kw: Any) -> Task:
-        """Binary cross-entropy on one logit, AUC and accuracy metrics."""
+    def binary(cls, name: str, probability: bool = False, **kw: Any) -> Task:
+        """Binary cross-entropy on one logit, AUC and accuracy metrics.
 
-        def loss(pred: Tensor, target: Tensor) -> Tensor:
-            return F.binary_cross_entropy_with_logits(pred.reshape(-1), target.float())
+        ``probability=True``: the prediction is already a probability (e.g. ESMM's
+        ``pCTCVR = pCTR * pCVR``, which has no logit of its own); the loss is
+        :func:`torch.nn.functional.binary_cross_entropy` of it, in float32 outside autocast.
+        """
+        if probability:
+            loss: Callable[[Tensor, Tensor], Tensor] = _bce_of_probability
+            kw["output"] = "probability"
+        else:
+
+            def loss(pred: Tensor, target: Tensor) -> Tensor:
+                return F.binary_cross_entropy_with_logits(pred.reshape(-1), target.float())
 
         kw.setdefault("metrics", (_binary_auroc(), _binary_accuracy()))
         return cls(name, loss, kind="binary", n_classes=2, **kw)
@@ -318,7 +344,7 @@ class TaskSet:
                 pred = pred.float() * task.target_scale
                 target = target.float() * task.target_scale
             if task.kind == "binary":
-                pred = torch.sigmoid(pred.float())
+                pred = pred.float() if task.output == "probability" else torch.sigmoid(pred.float())
                 target = target.long()
             for m in metrics[task.name].values():
                 m.to(pred.device)

@@ -26,6 +26,7 @@ from . import (  # noqa: F401
 from ._base import ArchitectureInfo, MultiTaskModel, available, create, info, register
 from ._blocks import (
     MLP,
+    FieldEmbedding,
     LeNetStages,
     StagedEncoder,
     StagedMLP,
@@ -49,6 +50,7 @@ __all__ = [
     "CrossStitch",
     "DSelectK",
     "ESMM",
+    "FieldEmbedding",
     "HardSharing",
     "LeNetStages",
     "LearningToBranch",

@@ -16,8 +16,9 @@ gives that contract a base class; architectures in the registry subclass it.
   task); see :mod:`polytask.architectures._common`.
 
 Each registered architecture has a capability record (:class:`ArchitectureInfo`): whether it has
-an exact representation, gates, an auxiliary loss, multi-input batches, and its ``torch.compile``
-status. The test suite checks every claim of every record.
+an exact representation, gates, an auxiliary loss, multi-input batches, what its predictions are
+(logits or probabilities), and its ``torch.compile`` status. The test suite checks every claim of
+every record.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class MultiTaskModel(nn.Module):
 
 Representation = Literal["always", "config", "never"]
 Compile = Literal["fullgraph", "graph_breaks", "unsupported"]
+Outputs = Literal["logits", "probabilities"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,10 @@ class ArchitectureInfo:
         auxiliary_loss: ``auxiliary_loss()`` returns a regulariser to add to the objective
             (the trainer passes it to :func:`polytask.mtl_backward` as ``extra_loss``).
         multi_input: accepts multi-input batches ``{task: x_task}`` (a separate input per task).
+        outputs: what the predictions are: ``"logits"`` (what each task's head gives; the usual
+            losses and metrics apply), or ``"probabilities"`` of binary tasks (e.g. ESMM's pCTR
+            and ``pCTCVR = pCTR * pCVR``: train with the binary cross-entropy of probabilities,
+            ``Task.binary(name, probability=True)`` / ``tasks.binary: probability``).
         compile: ``torch.compile`` status of the default configuration: ``"fullgraph"`` (one
             graph, ``fullgraph=True`` works), ``"graph_breaks"`` (compiles, with graph breaks;
             see ``compile_note``) or ``"unsupported"``.
@@ -101,6 +107,7 @@ class ArchitectureInfo:
     gates: bool = False
     auxiliary_loss: bool = False
     multi_input: bool = True
+    outputs: Outputs = "logits"
     compile: Compile = "fullgraph"
     compile_note: str = ""
 
@@ -118,6 +125,7 @@ def register(
     gates: bool = False,
     auxiliary_loss: bool = False,
     multi_input: bool = True,
+    outputs: Outputs = "logits",
     compile: Compile = "fullgraph",
     compile_note: str = "",
 ) -> Callable[[Callable[..., MultiTaskModel]], Callable[..., MultiTaskModel]]:
@@ -125,6 +133,8 @@ def register(
     capability record (see :class:`ArchitectureInfo`)."""
     if representation not in ("always", "config", "never"):
         raise ValueError(f"representation must be always/config/never, got {representation!r}")
+    if outputs not in ("logits", "probabilities"):
+        raise ValueError(f"outputs must be logits/probabilities, got {outputs!r}")
     if compile not in ("fullgraph", "graph_breaks", "unsupported"):
         raise ValueError(f"compile must be fullgraph/graph_breaks/unsupported, got {compile!r}")
     if compile != "fullgraph" and not compile_note:
@@ -143,6 +153,7 @@ def register(
             gates=gates,
             auxiliary_loss=auxiliary_loss,
             multi_input=multi_input,
+            outputs=outputs,
             compile=compile,
             compile_note=compile_note,
         )

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "MLP",
+    "FieldEmbedding",
     "LeNetStages",
     "StagedEncoder",
     "StagedMLP",
@@ -103,6 +104,52 @@ class MLP(nn.Sequential):
                     layers.append(nn.Dropout(dropout))
         super().__init__(*layers)
         self.sizes = sizes
+
+
+class FieldEmbedding(nn.Module):
+    """Embeddings of categorical fields, looked up and concatenated (the shared embedding layer
+    of recommendation models such as ESMM).
+
+    The input holds one integer category code per field, ``x[:, j]`` in
+    ``[0, cardinalities[j])``; every field has its own ``dim``-wide table (stored as one
+    ``nn.Embedding`` with per-field offsets). A multi-valued field (e.g. a movie's genres) can be
+    given as one two-category field per value. Codes outside their field's range are not
+    checked: they would read another field's rows.
+
+    Args:
+        cardinalities: number of categories of each field.
+        dim: embedding width per field (initialised ``N(0, 1)``, PyTorch's default).
+
+    Example:
+        >>> import torch
+        >>> emb = FieldEmbedding([3, 5, 2], dim=4)
+        >>> emb(torch.tensor([[0, 4, 1], [2, 0, 0]])).shape  # [B, fields * dim]
+        torch.Size([2, 12])
+    """
+
+    offsets: Tensor
+
+    def __init__(self, cardinalities: Sequence[int], dim: int) -> None:
+        super().__init__()
+        cards = [int(c) for c in cardinalities]
+        if not cards or min(cards) < 1:
+            raise ValueError(f"cardinalities must be positive integers, got {list(cardinalities)}")
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        self.cardinalities = cards
+        self.dim = int(dim)
+        self.out_features = len(cards) * self.dim
+        self.embedding = nn.Embedding(sum(cards), self.dim)
+        starts = torch.tensor([0, *itertools.accumulate(cards)][:-1])
+        self.register_buffer("offsets", starts, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != len(self.cardinalities):
+            raise ValueError(
+                f"FieldEmbedding: expected {len(self.cardinalities)} fields in the last "
+                f"dimension, got input of shape {tuple(x.shape)}"
+            )
+        return self.embedding(x.long() + self.offsets).flatten(-2)
 
 
 @runtime_checkable

@@ -18,6 +18,7 @@ from ._common import Result, _Model, check_heads, pack, unique_params, unpack
     "Post-Click Conversion Rate', SIGIR 2018",
     description="Shared embedding, CTR and CVR towers; outputs pCTR and pCTCVR = pCTR * pCVR.",
     representation="always",
+    outputs="probabilities",
 )
 class ESMM(_Model):
     """Entire space multi-task model (Ma et al., SIGIR 2018).
@@ -27,7 +28,10 @@ class ESMM(_Model):
     ``pCTCVR = pCTR * pCVR`` with ``pCTR = sigmoid(ctr_tower(h))`` and
     ``pCVR = sigmoid(cvr_tower(h))``. The outputs are **probabilities** (use
     ``binary_cross_entropy``, not the with-logits loss): ``{ctr_name: pCTR, ctcvr_name: pCTCVR}``;
-    pCVR of the last forward is kept in ``last_pcvr`` (detached) for serving.
+    pCVR of the last forward is kept in ``last_pcvr`` (detached) for serving. The record says
+    ``outputs="probabilities"``: train with ``Task.binary(name, probability=True)`` (configs:
+    ``tasks.binary: probability``; ``configs/movielens_esmm.yaml`` is a full example, with the
+    paper's shared embedding as :class:`~polytask.architectures.FieldEmbedding`).
 
     Args:
         encoder: shared module mapping the batch to the towers' input.

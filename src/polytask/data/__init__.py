@@ -25,6 +25,7 @@ from ._fetch import (
 )
 from .base import DictDataset, MultiTaskData, TaskSpec
 from .images import multi_fashion, multi_fashion_mnist, multi_mnist
+from .movielens import movielens_esmm
 from .qm9 import collate_graphs, qm9
 from .registry import available, describe, load, register
 from .tabular import census, rf1
@@ -52,6 +53,7 @@ __all__ = [
     "multi_fashion",
     "multi_fashion_mnist",
     "multi_mnist",
+    "movielens_esmm",
     "qm9",
     "register",
     "reviews",

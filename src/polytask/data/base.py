@@ -72,6 +72,10 @@ class MultiTaskData:
         target_stats: ``{task: (mean, std)}`` for regression targets that were
             standardised with training statistics (use :meth:`unstandardize`).
         extras: builder-specific metadata (feature names, units, ...).
+        cardinalities: ``None`` for real-valued inputs; for categorical inputs, ``sample["x"]``
+            is an ``int64`` vector of category codes and ``cardinalities[j]`` is the number of
+            categories of field ``j`` (codes lie in ``[0, cardinalities[j])``; model recipes
+            embed them, see :class:`polytask.architectures.FieldEmbedding`).
     """
 
     train: Dataset[Any]
@@ -84,6 +88,7 @@ class MultiTaskData:
     collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     target_stats: dict[str, tuple[float, float]] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    cardinalities: tuple[int, ...] | None = None
 
     @property
     def task_names(self) -> list[str]:

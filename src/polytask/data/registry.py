@@ -8,6 +8,7 @@ from typing import Any
 
 from .base import MultiTaskData
 from .images import multi_fashion, multi_fashion_mnist, multi_mnist
+from .movielens import movielens_esmm
 from .qm9 import qm9
 from .tabular import census, rf1
 from .text import reviews
@@ -53,6 +54,11 @@ register(
 )
 register(
     "rf1", rf1, "Mulan RF1 river flow: 8 regression targets (48h-ahead flows) from 64 features."
+)
+register(
+    "movielens_esmm",
+    movielens_esmm,
+    "MovieLens 100k entire space (ESMM): click = rated, ctcvr = rated >= 4; sampled unrated pairs.",
 )
 register(
     "qm9",

