@@ -576,3 +576,35 @@ def test_cuda_matches_cpu() -> None:
         assert torch.allclose(N.cagrad_weights(Gc, 0.5).cpu(), N.cagrad_weights(G, 0.5), **tol)
         a, ok = N.power_equation(Gc, 1.0)
         assert bool(ok) and torch.allclose(a.cpu(), N.power_equation(G, 1.0)[0], **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nash_two_task_closed_form_matches_barrier(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K=2 with one constraint active: the closed-form KKT point is the barrier method's
+    solution (computed in float64 with the closed form switched off)."""
+    g = torch.Generator().manual_seed(0)
+    compared = 0
+    for trial in range(300):
+        A = torch.randn(2, 5, generator=g, dtype=torch.float64)
+        if trial % 3 == 0:  # strongly conflicting pairs, as near a Pareto front
+            A[1] = -0.9 * A[0] + 0.1 * torch.randn(5, generator=g, dtype=torch.float64)
+        G64 = A @ A.T
+        G64 = G64 / torch.linalg.matrix_norm(G64)
+        c64 = torch.rand(2, generator=g, dtype=torch.float64) * 3 + 0.01
+        x_star64, ok = N.power_equation(G64, 1.0)
+        if not bool(ok):
+            continue
+        Gt, c = G64.to(dtype), c64.to(dtype)
+        x_closed = N._nash_subproblem_one_active(Gt, c, N._eps(dtype))
+        if x_closed is None:
+            continue
+        with monkeypatch.context() as m:
+            m.setattr(N, "_nash_subproblem_one_active", lambda *a: None)
+            x_bar, ok_bar = N.nash_cccp_subproblem(G64, c64, x_star64)
+        assert bool(ok_bar), trial
+        tol = 1e-7 if dtype == torch.float64 else 2e-3
+        assert torch.allclose(x_closed.double(), x_bar, rtol=tol), (trial, x_closed, x_bar)
+        compared += 1
+    assert compared >= 20
