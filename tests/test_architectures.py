@@ -1461,3 +1461,15 @@ def test_moe_router_multi_input_with_modalities():
     out = m(batch)
     assert [y.shape[0] for y in out.values()] == [3, 4, 2]
     assert m.auxiliary_loss().dim() == 0
+
+
+def test_field_embedding_rejects_codes_outside_their_field():
+    emb = polytask.architectures.FieldEmbedding([3, 5], dim=2)
+    assert emb(torch.tensor([[2, 4], [0, 0]])).shape == (2, 4)
+    # code 3 of field 0 would silently read field 1's first row without the check
+    with pytest.raises(ValueError, match=r"field 0 has 3 categories .* from 0 to 3"):
+        emb(torch.tensor([[3, 0], [0, 1]]))
+    with pytest.raises(ValueError, match=r"field 1 has 5 categories .* from -1 to 0"):
+        emb(torch.tensor([[0, -1], [1, 0]]))
+    with pytest.raises(ValueError, match="expected 2 fields"):
+        emb(torch.tensor([[0, 1, 2]]))

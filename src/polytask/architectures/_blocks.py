@@ -113,8 +113,9 @@ class FieldEmbedding(nn.Module):
     The input holds one integer category code per field, ``x[:, j]`` in
     ``[0, cardinalities[j])``; every field has its own ``dim``-wide table (stored as one
     ``nn.Embedding`` with per-field offsets). A multi-valued field (e.g. a movie's genres) can be
-    given as one two-category field per value. Codes outside their field's range are not
-    checked: they would read another field's rows.
+    given as one two-category field per value. A code outside its field's range (which would
+    otherwise read another field's rows) raises a ``ValueError`` naming the field (checked
+    eagerly, one host read per call; skipped while ``torch.compile`` traces).
 
     Args:
         cardinalities: number of categories of each field.
@@ -128,6 +129,7 @@ class FieldEmbedding(nn.Module):
     """
 
     offsets: Tensor
+    limits: Tensor
 
     def __init__(self, cardinalities: Sequence[int], dim: int) -> None:
         super().__init__()
@@ -142,6 +144,7 @@ class FieldEmbedding(nn.Module):
         self.embedding = nn.Embedding(sum(cards), self.dim)
         starts = torch.tensor([0, *itertools.accumulate(cards)][:-1])
         self.register_buffer("offsets", starts, persistent=False)
+        self.register_buffer("limits", torch.tensor(cards), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != len(self.cardinalities):
@@ -149,7 +152,18 @@ class FieldEmbedding(nn.Module):
                 f"FieldEmbedding: expected {len(self.cardinalities)} fields in the last "
                 f"dimension, got input of shape {tuple(x.shape)}"
             )
-        return self.embedding(x.long() + self.offsets).flatten(-2)
+        x = x.long()
+        if not torch.compiler.is_compiling():
+            bad = (x < 0) | (x >= self.limits)
+            if bool(bad.any()):
+                j = int(bad.reshape(-1, len(self.cardinalities)).any(0).nonzero()[0])
+                col = x[..., j]
+                raise ValueError(
+                    f"FieldEmbedding: field {j} has {self.cardinalities[j]} categories (codes "
+                    f"0..{self.cardinalities[j] - 1}), got codes from {int(col.min())} to "
+                    f"{int(col.max())}"
+                )
+        return self.embedding(x + self.offsets).flatten(-2)
 
 
 @runtime_checkable
